@@ -1,0 +1,41 @@
+# tide-vllm — `make run` serves the demo model on :10002; `make test` runs the whole suite.
+# Both create what they need: the venv (.venv), vLLM (the CPU build where there is no NVIDIA GPU)
+# and the demo model (cached in $(CACHE_DIR), outside the repository).
+
+PYTHON     ?= $(shell command -v python3.11 || command -v python3)
+VENV       := .venv
+PY         := $(VENV)/bin/python
+CACHE_DIR  ?= $(HOME)/.cache/tide-vllm
+MODEL_DIR  := $(CACHE_DIR)/models/SmolLM2-135M-Instruct
+CONFIG     ?= conf/tide-vllm.cpu.yaml
+STAMP      := $(VENV)/.installed
+
+.PHONY: install model run test test-fast lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/install-vllm.sh
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	bash scripts/install-vllm.sh $(PY)
+	touch $@
+
+model: $(MODEL_DIR)/.tide-vllm-complete
+
+$(MODEL_DIR)/.tide-vllm-complete: | $(STAMP)
+	$(PY) cmd/prepare-demo-model/main.py --cache-dir $(CACHE_DIR)
+
+run: install model
+	$(PY) cmd/tide-vllm/main.py -c $(CONFIG)
+
+test: install model
+	TIDE_VLLM_MODEL_DIR=$(MODEL_DIR) $(PY) -m pytest -q
+
+# Everything but the real-engine tests (seconds, not minutes).
+test-fast: install
+	$(PY) -m pytest -q -m "not e2e"
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) .pytest_cache

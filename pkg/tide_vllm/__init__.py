@@ -1,0 +1,1 @@
+"""tide-vllm: one stable chat endpoint in front of a vLLM server."""

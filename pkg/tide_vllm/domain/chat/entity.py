@@ -1,0 +1,131 @@
+"""Chat entities, value objects and the domain's errors. Plain Python: no framework here."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class ChatError(Exception):
+    """Base of every error the chat domain raises."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidChatRequest(ChatError):
+    """The caller's request breaks an invariant; `field` names the offending field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class EngineUnavailable(ChatError):
+    """vLLM is not ready (starting, down, stopped, disabled) or cannot be reached."""
+
+
+class EngineTimeout(ChatError):
+    """vLLM did not answer within the configured timeout."""
+
+
+class EngineRejected(ChatError):
+    """vLLM refused the request (its own 4xx); carries vLLM's status and message."""
+
+    def __init__(
+        self, status: int, message: str, param: str | None = None, kind: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.param = param
+        self.kind = kind
+
+
+class EngineFailed(ChatError):
+    """vLLM answered with a server error or with something that is not a chat completion."""
+
+    def __init__(self, message: str, status: int = 502) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float
+    top_p: float
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise InvalidChatRequest("max_tokens", "must be at least 1")
+        if not (math.isfinite(self.temperature) and 0.0 <= self.temperature <= 2.0):
+            raise InvalidChatRequest("temperature", "must be between 0 and 2")
+        if not (math.isfinite(self.top_p) and 0.0 < self.top_p <= 1.0):
+            raise InvalidChatRequest("top_p", "must be greater than 0 and at most 1")
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class ChatEntity:
+    """One chat request as the service understands it: who asks, what, and how to sample."""
+
+    request_id: str
+    model: str
+    messages: tuple[Message, ...]
+    params: SamplingParams
+
+    def __post_init__(self) -> None:
+        if not self.messages:
+            raise InvalidChatRequest("messages", "at least one message is required")
+
+
+@dataclass(frozen=True)
+class ChatResult:
+    request_id: str
+    content: str
+    model: str
+    usage: Usage = field(default_factory=Usage)
+    finish_reason: str | None = None
+
+
+class EngineState(str, Enum):
+    """The supervisor's states (DESIGN.md section 3); `external` is manual mode."""
+
+    STOPPED = "stopped"
+    STARTING = "starting"
+    READY = "ready"
+    UNHEALTHY = "unhealthy"
+    STOPPING = "stopping"
+    FAILED = "failed"
+    DISABLED = "disabled"
+    EXTERNAL = "external"
+
+
+@dataclass(frozen=True)
+class EngineStatus:
+    """What /health reports: whether vLLM serves the model, and if not, why."""
+
+    state: EngineState
+    healthy: bool
+    detail: str = ""
+
+    @property
+    def accepts_requests(self) -> bool:
+        """False when a request is certain to fail, so it gets a 503 at once."""
+        if self.state is EngineState.EXTERNAL:
+            return True  # manual mode: vLLM may have come up since the last probe; try it.
+        return self.healthy or self.state is EngineState.UNHEALTHY

@@ -1,0 +1,54 @@
+"""HTTP client for vLLM's OpenAI-compatible server: one pooled httpx.AsyncClient."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+REQUEST_ID_HEADER = "X-Request-Id"
+
+
+class VLLMClient:
+    """Thin transport: sends requests and returns responses; errors are translated by callers
+    in this package (vllm_repository), so httpx never leaves infrastructure."""
+
+    def __init__(
+        self,
+        base_url: str,
+        timeout: float,
+        *,
+        api_key: str | None = None,
+        connect_timeout: float = 5.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.base_url = base_url
+        self.timeout = timeout
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = httpx.AsyncClient(
+            base_url=base_url,
+            headers=headers,
+            timeout=httpx.Timeout(timeout, connect=min(connect_timeout, timeout)),
+            # The pool is shared by every request; vLLM batches, so let them all through.
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
+            transport=transport,
+        )
+
+    async def chat_completions(self, payload: dict[str, Any], request_id: str) -> httpx.Response:
+        return await self._http.post(
+            "/v1/chat/completions", json=payload, headers={REQUEST_ID_HEADER: request_id}
+        )
+
+    async def list_models(self, timeout: float | None = None) -> list[str]:
+        """Ids of the models vLLM serves; raises httpx errors and ValueError on a bad body."""
+        response = await self._http.get(
+            "/v1/models", timeout=self.timeout if timeout is None else timeout
+        )
+        response.raise_for_status()
+        data = response.json().get("data")
+        if not isinstance(data, list):
+            raise ValueError("GET /v1/models did not return a model list")
+        return [str(item.get("id")) for item in data if isinstance(item, dict)]
+
+    async def aclose(self) -> None:
+        await self._http.aclose()

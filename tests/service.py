@@ -1,0 +1,81 @@
+"""Runs the real tide-vllm process (cmd/tide-vllm/main.py) for integration and e2e tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import yaml
+
+from tests.helpers import MAIN, PYTHON, alive, descendants
+
+
+class ServiceProcess:
+    def __init__(self, config: dict, tmp_dir: Path, env: dict[str, str] | None = None) -> None:
+        self.config_path = tmp_dir / "tide-vllm.yaml"
+        self.config_path.write_text(yaml.safe_dump(config, allow_unicode=True))
+        self.log_path = tmp_dir / "tide-vllm.log"
+        self.port = config["web"]["bind_address"]["port"]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [PYTHON, str(MAIN), "-c", str(self.config_path)],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_listening(self, timeout: float = 30) -> None:
+        self._wait(lambda r: True, timeout, "listening")
+
+    def wait_healthy(self, timeout: float) -> None:
+        self._wait(lambda r: r.status_code == 200, timeout, "healthy")
+
+    def _wait(self, ok, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(
+                    f"tide-vllm exited with {self.proc.returncode}:\n{self.log()[-4000:]}"
+                )
+            try:
+                if ok(httpx.get(self.url + "/health", timeout=2)):
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise AssertionError(f"tide-vllm not {what} within {timeout}s:\n{self.log()[-4000:]}")
+
+    def terminate(self, timeout: float = 60) -> tuple[int, list[int]]:
+        """SIGTERM; returns the exit code and the processes of its tree still alive after."""
+        tree = descendants(self.proc.pid)
+        self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout=timeout)
+        deadline = time.monotonic() + 5
+        while any(alive(p) for p in tree) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return code, [p for p in tree if alive(p)]
+
+    def kill_all(self) -> None:
+        """Last-resort cleanup so a failing test never leaks a vLLM."""
+        tree = descendants(self.proc.pid) if self.proc.poll() is None else []
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        for pid in tree:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        self._log.close()

@@ -1,0 +1,63 @@
+import pytest
+
+from tide_vllm.application.chat_handler import ChatHandler
+from tide_vllm.domain.chat.entity import (
+    ChatEntity,
+    ChatResult,
+    EngineState,
+    EngineStatus,
+    EngineUnavailable,
+    Usage,
+)
+from tide_vllm.domain.chat.factory import ChatDefaults, ChatFactory
+from tide_vllm.domain.chat.repository import ChatRepository
+
+DEFAULTS = ChatDefaults("m", "sys", 16, 0.7, 0.9)
+
+
+class FakeRepository(ChatRepository):
+    """In memory: answers every chat by echoing the user's words."""
+
+    def __init__(self) -> None:
+        self.seen: list[ChatEntity] = []
+
+    async def complete(self, chat: ChatEntity) -> ChatResult:
+        self.seen.append(chat)
+        return ChatResult(
+            chat.request_id, f"echo {chat.messages[-1].content}", chat.model, Usage(3, 2, 5), "stop"
+        )
+
+
+class FixedMonitor:
+    def __init__(self, status: EngineStatus) -> None:
+        self.status = status
+
+    def current(self) -> EngineStatus:
+        return self.status
+
+    async def check(self) -> EngineStatus:
+        return self.status
+
+
+READY = EngineStatus(EngineState.READY, True, "healthy")
+
+
+async def test_a_chat_is_answered_by_the_repository_with_its_request_id():
+    repo = FakeRepository()
+    factory = ChatFactory(DEFAULTS)
+    handler = ChatHandler(repo, factory, FixedMonitor(READY))
+    result = await handler.handle(factory.from_prompt("hello", request_id="r1"))
+    assert result.content == "echo hello"
+    assert result.request_id == "r1"
+    assert result.usage.total_tokens == 5
+    assert len(repo.seen) == 1
+
+
+async def test_while_vllm_is_starting_the_chat_fails_at_once_saying_why():
+    repo = FakeRepository()
+    factory = ChatFactory(DEFAULTS)
+    starting = EngineStatus(EngineState.STARTING, False, "vLLM is starting (12s)")
+    handler = ChatHandler(repo, factory, FixedMonitor(starting))
+    with pytest.raises(EngineUnavailable, match="starting"):
+        await handler.handle(factory.from_prompt("hello"))
+    assert repo.seen == []

@@ -1,0 +1,67 @@
+import uuid
+
+import pytest
+
+from tide_vllm.domain.chat.entity import (
+    EngineState,
+    EngineStatus,
+    InvalidChatRequest,
+    Message,
+    SamplingParams,
+)
+from tide_vllm.domain.chat.factory import ChatDefaults, ChatFactory
+
+DEFAULTS = ChatDefaults(
+    model="m", system_prompt="你是一个有用的AI助手。", max_tokens=2048, temperature=0.7, top_p=0.9
+)
+
+
+def test_a_prompt_gets_the_default_system_prompt_and_sampling_defaults():
+    chat = ChatFactory(DEFAULTS).from_prompt("hi")
+    assert chat.messages == (Message("system", "你是一个有用的AI助手。"), Message("user", "hi"))
+    assert chat.params == SamplingParams(max_tokens=2048, temperature=0.7, top_p=0.9)
+    assert chat.model == "m"
+
+
+def test_without_a_request_id_a_uuid4_is_made():
+    chat = ChatFactory(DEFAULTS).from_prompt("hi")
+    assert uuid.UUID(chat.request_id).version == 4
+
+
+def test_the_callers_request_id_and_parameters_win():
+    chat = ChatFactory(DEFAULTS).from_prompt(
+        "hi", system_prompt="be brief", request_id="abc", max_tokens=5, temperature=0, top_p=1
+    )
+    assert chat.request_id == "abc"
+    assert chat.messages[0] == Message("system", "be brief")
+    assert chat.params == SamplingParams(max_tokens=5, temperature=0.0, top_p=1.0)
+
+
+def test_an_empty_system_prompt_sends_no_system_message():
+    chat = ChatFactory(DEFAULTS).from_prompt("hi", system_prompt="")
+    assert chat.messages == (Message("user", "hi"),)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"prompt": "   "}, "prompt"),
+        ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
+        ({"prompt": "hi", "temperature": 2.5}, "temperature"),
+        ({"prompt": "hi", "temperature": float("nan")}, "temperature"),
+        ({"prompt": "hi", "top_p": 0}, "top_p"),
+        ({"prompt": "hi", "top_p": 1.5}, "top_p"),
+    ],
+)
+def test_invalid_values_name_their_field(kwargs, field):
+    prompt = kwargs.pop("prompt")
+    with pytest.raises(InvalidChatRequest) as info:
+        ChatFactory(DEFAULTS).from_prompt(prompt, **kwargs)
+    assert info.value.field == field
+
+
+def test_a_starting_engine_refuses_requests_but_an_external_one_is_tried():
+    assert not EngineStatus(EngineState.STARTING, False, "").accepts_requests
+    assert not EngineStatus(EngineState.FAILED, False, "").accepts_requests
+    assert EngineStatus(EngineState.READY, True, "").accepts_requests
+    assert EngineStatus(EngineState.EXTERNAL, False, "down at last probe").accepts_requests

@@ -1,0 +1,110 @@
+"""Errors become HTTP here, in handlers registered once on the app.
+
+A Tide request gets the spec's response shape with the message in `error`; anything else gets
+OpenAI's `{"error": {"message", "type", "param", "code"}}`. No response carries a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from tide_vllm.domain.chat.entity import (
+    ChatError,
+    EngineFailed,
+    EngineRejected,
+    EngineTimeout,
+    EngineUnavailable,
+    InvalidChatRequest,
+)
+
+from .schemas import TideChatResponse
+
+log = logging.getLogger("tide_vllm.web")
+
+TIDE_SHAPE = "tide"
+
+
+def status_of(exc: ChatError) -> int:
+    if isinstance(exc, InvalidChatRequest):
+        return 400
+    if isinstance(exc, EngineUnavailable):
+        return 503
+    if isinstance(exc, EngineTimeout):
+        return 504
+    if isinstance(exc, (EngineRejected, EngineFailed)):
+        return exc.status
+    return 500
+
+
+def _openai_type(status: int) -> str:
+    return {
+        400: "BadRequestError",
+        401: "AuthenticationError",
+        403: "PermissionDeniedError",
+        404: "NotFoundError",
+        413: "RequestTooLargeError",
+        422: "UnprocessableEntityError",
+        429: "RateLimitError",
+        503: "ServiceUnavailableError",
+        504: "TimeoutError",
+    }.get(status, "InternalServerError" if status >= 500 else "BadRequestError")
+
+
+def error_response(
+    request: Request, status: int, message: str, param: str | None = None, kind: str | None = None
+) -> JSONResponse:
+    if getattr(request.state, "shape", None) == TIDE_SHAPE:
+        body = TideChatResponse.failure(
+            request_id=request.state.request_id,
+            model=request.app.state.provider.settings.defaults.model,
+            error=message,
+        ).model_dump()
+    else:
+        body = {
+            "error": {
+                "message": message,
+                "type": kind or _openai_type(status),
+                "param": param,
+                "code": status,
+            }
+        }
+    return JSONResponse(body, status_code=status)
+
+
+async def _chat_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ChatError)
+    status = status_of(exc)
+    if status >= 500:
+        log.warning("%s %s -> %d: %s", request.method, request.url.path, status, exc.message)
+    param = exc.field if isinstance(exc, InvalidChatRequest) else getattr(exc, "param", None)
+    kind = exc.kind if isinstance(exc, EngineRejected) else None
+    return error_response(request, status, exc.message, param=param, kind=kind)
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+    field = ".".join(str(p) for p in first["loc"] if p != "body") or "body"
+    return error_response(request, 400, f"{field}: {first['msg']}", param=field)
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    return error_response(request, exc.status_code, str(exc.detail))
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unexpected error on %s %s", request.method, request.url.path)
+    return error_response(request, 500, "internal error in tide-vllm; see its log")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(ChatError, _chat_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)

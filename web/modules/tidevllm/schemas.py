@@ -1,0 +1,75 @@
+"""Request and response schemas of the HTTP API (the spec's section 6)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tide_vllm.domain.chat.entity import ChatResult
+
+
+class TideChatRequest(BaseModel):
+    """The spec's request table. Strict: "5" is not a number and 5 is not a prompt."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    prompt: str = Field(min_length=1, description="The user's prompt.")
+    system_prompt: str | None = Field(None, description='Default "你是一个有用的AI助手。".')
+    request_id: str | None = Field(
+        None, min_length=1, max_length=256, description="Echoed back; a UUID4 when omitted."
+    )
+    max_tokens: int | None = Field(None, ge=1, description="Default vllm.max_tokens.")
+    temperature: float | None = Field(
+        None, ge=0.0, le=2.0, allow_inf_nan=False, description="Default vllm.temperature."
+    )
+    top_p: float | None = Field(
+        None, gt=0.0, le=1.0, allow_inf_nan=False, description="Default vllm.top_p."
+    )
+
+
+class UsageBody(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class TideChatResponse(BaseModel):
+    """The spec's response: on failure `content` is empty and `error` says why."""
+
+    request_id: str
+    content: str
+    model: str
+    usage: UsageBody
+    finish_reason: str | None
+    error: str | None = None
+
+    @classmethod
+    def from_result(cls, result: ChatResult) -> TideChatResponse:
+        u = result.usage
+        return cls(
+            request_id=result.request_id,
+            content=result.content,
+            model=result.model,
+            usage=UsageBody(
+                prompt_tokens=u.prompt_tokens,
+                completion_tokens=u.completion_tokens,
+                total_tokens=u.total_tokens,
+            ),
+            finish_reason=result.finish_reason,
+        )
+
+    @classmethod
+    def failure(cls, request_id: str, model: str, error: str) -> TideChatResponse:
+        return cls(
+            request_id=request_id,
+            content="",
+            model=model,
+            usage=UsageBody(),
+            finish_reason=None,
+            error=error,
+        )
+
+
+class HealthResponse(BaseModel):
+    status: str = Field(description='"healthy", or why vLLM is not ready.')
+    vllm_healthy: bool
+    vllm_state: str = Field(description="starting, ready, unhealthy, failed, external, …")
