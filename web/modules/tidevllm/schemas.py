@@ -24,6 +24,7 @@ class TideChatRequest(BaseModel):
     top_p: float | None = Field(
         None, gt=0.0, le=1.0, allow_inf_nan=False, description="Default vllm.top_p."
     )
+    stream: bool = Field(False, description="Server-sent events in the Tide shape.")
 
 
 class UsageBody(BaseModel):

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 
 class ChatError(Exception):
@@ -100,6 +102,27 @@ class ChatResult:
     model: str
     usage: Usage = field(default_factory=Usage)
     finish_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class ChatDelta:
+    """One step of a streamed chat: new text, and at the end the finish reason and usage."""
+
+    content: str = ""
+    finish_reason: str | None = None
+    usage: Usage | None = None
+
+
+@dataclass(frozen=True)
+class OpenAIChat:
+    """An OpenAI chat request. The service reads what it must (model, stream, request id) and
+    carries the caller's payload to vLLM unchanged, so every field — tools, response_format,
+    logprobs, vLLM's extras — reaches vLLM, and vLLM's answer reaches the caller, as sent."""
+
+    request_id: str
+    model: str
+    stream: bool
+    payload: Mapping[str, Any]
 
 
 class EngineState(str, Enum):

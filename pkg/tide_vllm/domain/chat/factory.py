@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
-from .entity import ChatEntity, InvalidChatRequest, Message, SamplingParams
+from .entity import ChatEntity, InvalidChatRequest, Message, OpenAIChat, SamplingParams
 
 
 @dataclass(frozen=True)
@@ -51,4 +53,31 @@ class ChatFactory:
                 temperature=d.temperature if temperature is None else temperature,
                 top_p=d.top_p if top_p is None else top_p,
             ),
+        )
+
+    def from_openai(self, body: Mapping[str, Any], request_id: str | None = None) -> OpenAIChat:
+        """An OpenAI chat request, checked only for what the service itself relies on; vLLM
+        validates the rest and its refusals are relayed, so errors match vLLM's own."""
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise InvalidChatRequest("messages", "must be a non-empty array of messages")
+        for i, message in enumerate(messages):
+            if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+                raise InvalidChatRequest(f"messages[{i}]", "must be an object with a role")
+        model = body.get("model")
+        if model is None:
+            model = self.defaults.model
+        elif not isinstance(model, str) or not model:
+            raise InvalidChatRequest("model", "must be a non-empty string")
+        stream = body.get("stream")
+        if stream is None:
+            stream = False
+        elif not isinstance(stream, bool):
+            raise InvalidChatRequest("stream", "must be a boolean")
+        payload = body if body.get("model") == model else {**body, "model": model}
+        return OpenAIChat(
+            request_id=request_id or self.new_request_id(),
+            model=model,
+            stream=stream,
+            payload=payload,
         )

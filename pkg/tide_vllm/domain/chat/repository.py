@@ -3,17 +3,36 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
 from typing import Protocol
 
-from .entity import ChatEntity, ChatResult, EngineStatus
+from .entity import ChatDelta, ChatEntity, ChatResult, EngineStatus, OpenAIChat
 
 
 class ChatRepository(ABC):
-    """Where chat completions come from."""
+    """Where chat completions come from. Every method raises the domain's Engine* errors;
+    a stream raises them before its first item when vLLM refuses the request at once."""
 
     @abstractmethod
     async def complete(self, chat: ChatEntity) -> ChatResult:
-        """Run one chat; raises the domain's Engine* errors."""
+        """Run one chat."""
+
+    @abstractmethod
+    def stream(self, chat: ChatEntity) -> AsyncIterator[ChatDelta]:
+        """Run one chat, yielding the text as it is generated; the last delta carries the
+        finish reason and usage."""
+
+    @abstractmethod
+    async def relay(self, chat: OpenAIChat) -> bytes:
+        """vLLM's `chat.completion` JSON for an OpenAI request, unchanged."""
+
+    @abstractmethod
+    def relay_stream(self, chat: OpenAIChat) -> AsyncIterator[bytes]:
+        """vLLM's server-sent events for an OpenAI request, whole events as they arrive."""
+
+    @abstractmethod
+    async def models(self) -> bytes:
+        """vLLM's `GET /v1/models` list, unchanged."""
 
 
 class EngineMonitor(Protocol):

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
+import orjson
 
 REQUEST_ID_HEADER = "X-Request-Id"
+_JSON = {"Content-Type": "application/json"}
 
 
 class VLLMClient:
@@ -28,22 +32,46 @@ class VLLMClient:
         self._http = httpx.AsyncClient(
             base_url=base_url,
             headers=headers,
+            # For a stream, `read` bounds the wait for each chunk, the first one included.
             timeout=httpx.Timeout(timeout, connect=min(connect_timeout, timeout)),
             # The pool is shared by every request; vLLM batches, so let them all through.
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
             transport=transport,
         )
 
-    async def chat_completions(self, payload: dict[str, Any], request_id: str) -> httpx.Response:
+    async def chat_completions(self, payload: Mapping[str, Any], request_id: str) -> httpx.Response:
         return await self._http.post(
-            "/v1/chat/completions", json=payload, headers={REQUEST_ID_HEADER: request_id}
+            "/v1/chat/completions",
+            content=orjson.dumps(payload),
+            headers={**_JSON, REQUEST_ID_HEADER: request_id},
+        )
+
+    @asynccontextmanager
+    async def stream_chat_completions(
+        self, payload: Mapping[str, Any], request_id: str
+    ) -> AsyncIterator[httpx.Response]:
+        """The response with its body unread; leaving the block closes the connection, which
+        makes vLLM abort the generation."""
+        request = self._http.build_request(
+            "POST",
+            "/v1/chat/completions",
+            content=orjson.dumps(payload),
+            headers={**_JSON, REQUEST_ID_HEADER: request_id},
+        )
+        response = await self._http.send(request, stream=True)
+        try:
+            yield response
+        finally:
+            await response.aclose()
+
+    async def get_models(self, timeout: float | None = None) -> httpx.Response:
+        return await self._http.get(
+            "/v1/models", timeout=self.timeout if timeout is None else timeout
         )
 
     async def list_models(self, timeout: float | None = None) -> list[str]:
         """Ids of the models vLLM serves; raises httpx errors and ValueError on a bad body."""
-        response = await self._http.get(
-            "/v1/models", timeout=self.timeout if timeout is None else timeout
-        )
+        response = await self.get_models(timeout)
         response.raise_for_status()
         data = response.json().get("data")
         if not isinstance(data, list):

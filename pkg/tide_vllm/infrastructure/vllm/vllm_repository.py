@@ -3,12 +3,15 @@ the domain's errors."""
 
 from __future__ import annotations
 
-import json
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import httpx
+import orjson
 
 from tide_vllm.domain.chat.entity import (
+    ChatDelta,
     ChatEntity,
     ChatResult,
     EngineFailed,
@@ -17,86 +20,191 @@ from tide_vllm.domain.chat.entity import (
     EngineStatus,
     EngineTimeout,
     EngineUnavailable,
+    OpenAIChat,
     Usage,
 )
 from tide_vllm.domain.chat.repository import ChatRepository
 
 from .vllm_client import VLLMClient
 
+EVENT_END = b"\n\n"
+
 
 class VLLMChatRepository(ChatRepository):
     def __init__(self, client: VLLMClient) -> None:
         self.client = client
 
+    # -- the spec's (Tide) requests -------------------------------------------------------
     async def complete(self, chat: ChatEntity) -> ChatResult:
-        payload = {
-            "model": chat.model,
-            "messages": [{"role": m.role, "content": m.content} for m in chat.messages],
-            "max_tokens": chat.params.max_tokens,
-            "temperature": chat.params.temperature,
-            "top_p": chat.params.top_p,
-        }
-        response = await self._send(payload, chat.request_id)
-        body = _json_body(response)
+        response = await self._post(_payload(chat), chat.request_id)
+        body = _json_object(response.content)
         try:
             choice = body["choices"][0]
-            usage = body.get("usage") or {}
             return ChatResult(
                 request_id=chat.request_id,
                 content=choice["message"].get("content") or "",
                 model=str(body.get("model", chat.model)),
-                usage=Usage(
-                    prompt_tokens=int(usage.get("prompt_tokens", 0)),
-                    completion_tokens=int(usage.get("completion_tokens", 0)),
-                    total_tokens=int(usage.get("total_tokens", 0)),
-                ),
+                usage=_usage(body.get("usage")) or Usage(),
                 finish_reason=choice.get("finish_reason"),
             )
         except (KeyError, IndexError, TypeError, ValueError, AttributeError):
             raise EngineFailed("vLLM returned a body that is not a chat completion") from None
 
-    async def _send(self, payload: dict[str, Any], request_id: str) -> httpx.Response:
-        try:
-            response = await self.client.chat_completions(payload, request_id)
-        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-            raise EngineUnavailable(f"cannot reach vLLM at {self.client.base_url}: {exc}") from None
-        except httpx.TimeoutException:
-            raise EngineTimeout(f"vLLM did not answer within {self.client.timeout:g}s") from None
-        except httpx.TransportError as exc:
-            # The connection broke mid-request: vLLM went away.
-            raise EngineUnavailable(f"lost the connection to vLLM: {exc!r}") from None
+    async def stream(self, chat: ChatEntity) -> AsyncIterator[ChatDelta]:
+        payload = {**_payload(chat), "stream": True, "stream_options": {"include_usage": True}}
+        finish_reason: str | None = None
+        usage: Usage | None = None
+        async with self._open_stream(payload, chat.request_id) as response:
+            async for event in _events(response):
+                data = _event_data(event)
+                if data is None:
+                    continue
+                if data == b"[DONE]":
+                    break
+                chunk = _json_object(data)
+                if "error" in chunk:
+                    raise _error_from_body(chunk, 502)
+                usage = _usage(chunk.get("usage")) or usage
+                for choice in chunk.get("choices") or []:
+                    text = (choice.get("delta") or {}).get("content") or ""
+                    finish_reason = choice.get("finish_reason") or finish_reason
+                    if text:
+                        yield ChatDelta(content=text)
+        yield ChatDelta(finish_reason=finish_reason, usage=usage)
+
+    # -- OpenAI requests, carried opaquely ------------------------------------------------
+    async def relay(self, chat: OpenAIChat) -> bytes:
+        response = await self._post(chat.payload, chat.request_id)
+        if "json" not in response.headers.get("content-type", ""):
+            raise EngineFailed("vLLM returned a body that is not JSON")
+        return response.content
+
+    async def relay_stream(self, chat: OpenAIChat) -> AsyncIterator[bytes]:
+        async with self._open_stream(chat.payload, chat.request_id) as response:
+            async for event in _events(response):
+                yield event
+
+    async def models(self) -> bytes:
+        with _translated(self.client):
+            response = await self.client.get_models()
         if response.status_code >= 400:
-            raise _upstream_error(response)
+            raise _upstream_error(response.status_code, response.content)
+        return response.content
+
+    # -- transport ------------------------------------------------------------------------
+    async def _post(self, payload: Mapping[str, Any], request_id: str) -> httpx.Response:
+        with _translated(self.client):
+            response = await self.client.chat_completions(payload, request_id)
+        if response.status_code >= 400:
+            raise _upstream_error(response.status_code, response.content)
         return response
 
+    @asynccontextmanager
+    async def _open_stream(
+        self, payload: Mapping[str, Any], request_id: str
+    ) -> AsyncIterator[httpx.Response]:
+        with _translated(self.client):
+            async with self.client.stream_chat_completions(payload, request_id) as response:
+                if response.status_code >= 400:
+                    raise _upstream_error(response.status_code, await response.aread())
+                if "text/event-stream" not in response.headers.get("content-type", ""):
+                    raise EngineFailed("vLLM did not answer with an event stream")
+                yield response
 
-def _json_body(response: httpx.Response) -> dict[str, Any]:
+
+@contextmanager
+def _translated(client: VLLMClient) -> Iterator[None]:
+    """httpx's errors as the domain's: unreachable → unavailable, slow → timeout."""
     try:
-        body = response.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        yield
+    except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+        raise EngineUnavailable(f"cannot reach vLLM at {client.base_url}: {exc}") from None
+    except httpx.TimeoutException:
+        raise EngineTimeout(f"vLLM did not answer within {client.timeout:g}s") from None
+    except httpx.TransportError as exc:
+        # The connection broke mid-request: vLLM went away.
+        raise EngineUnavailable(f"lost the connection to vLLM: {exc!r}") from None
+
+
+async def _events(response: httpx.Response) -> AsyncIterator[bytes]:
+    """Whole server-sent events (each ending in a blank line), forwarded as soon as they are
+    complete; a chunk holding several events is passed on at once."""
+    buffer = b""
+    async for chunk in response.aiter_raw():
+        buffer += chunk
+        end = buffer.rfind(EVENT_END)
+        if end >= 0:
+            yield buffer[: end + 2]
+            buffer = buffer[end + 2 :]
+    if buffer.strip():
+        yield buffer + EVENT_END
+
+
+def _event_data(event: bytes) -> bytes | None:
+    """The payload of the last `data:` line of an event (vLLM sends one per event)."""
+    data = None
+    for line in event.split(b"\n"):
+        if line.startswith(b"data:"):
+            data = line[5:].strip()
+    return data
+
+
+def _payload(chat: ChatEntity) -> dict[str, Any]:
+    return {
+        "model": chat.model,
+        "messages": [{"role": m.role, "content": m.content} for m in chat.messages],
+        "max_tokens": chat.params.max_tokens,
+        "temperature": chat.params.temperature,
+        "top_p": chat.params.top_p,
+    }
+
+
+def _usage(raw: Any) -> Usage | None:
+    if not isinstance(raw, dict):
+        return None
+    return Usage(
+        prompt_tokens=int(raw.get("prompt_tokens") or 0),
+        completion_tokens=int(raw.get("completion_tokens") or 0),
+        total_tokens=int(raw.get("total_tokens") or 0),
+    )
+
+
+def _json_object(raw: bytes) -> dict[str, Any]:
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
         raise EngineFailed("vLLM returned a body that is not JSON") from None
     if not isinstance(body, dict):
         raise EngineFailed("vLLM returned a body that is not a JSON object")
     return body
 
 
-def _upstream_error(response: httpx.Response) -> Exception:
-    """vLLM's error body: {"error": {"message", "type", "param", "code"}} (older: flat)."""
-    message, param, kind = f"vLLM answered HTTP {response.status_code}", None, None
+def _upstream_error(status: int, raw: bytes) -> Exception:
     try:
-        body = response.json()
-        err = body.get("error", body) if isinstance(body, dict) else {}
-        if isinstance(err, dict):
-            message = str(err.get("message") or message)
-            param = err.get("param")
-            kind = err.get("type")
-        elif isinstance(err, str):
-            message = err
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        pass
-    if 400 <= response.status_code < 500:
-        return EngineRejected(response.status_code, message, param=param, kind=kind)
-    return EngineFailed(f"vLLM error: {message}", status=response.status_code)
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        body = None
+    if not isinstance(body, dict):
+        text = raw[:200].decode(errors="replace").strip()
+        body = {
+            "error": {"message": f"vLLM answered HTTP {status}" + (f": {text}" if text else "")}
+        }
+    return _error_from_body(body, status)
+
+
+def _error_from_body(body: dict[str, Any], status: int) -> Exception:
+    """vLLM's error body: {"error": {"message", "type", "param", "code"}} (older: flat)."""
+    err = body.get("error", body)
+    message, param, kind = f"vLLM answered HTTP {status}", None, None
+    if isinstance(err, dict):
+        message = str(err.get("message") or message)
+        param = err.get("param")
+        kind = err.get("type")
+    elif isinstance(err, str):
+        message = err
+    if 400 <= status < 500:
+        return EngineRejected(status, message, param=param, kind=kind)
+    return EngineFailed(f"vLLM error: {message}", status=status)
 
 
 class VLLMEngineProbe:

@@ -1,0 +1,228 @@
+"""A fake OpenAI-compatible upstream (vLLM's API surface) for fidelity, SDK and fault tests.
+
+It records every request it receives and every stream or request the client abandoned, so
+tests can assert what vLLM would have seen. The user's last message steers it:
+  "hang"  — answer nothing for 30 s (the non-streaming body is sent as a stream, so the server
+            notices a disconnect, as vLLM does, and records it)
+  "slow"  — stream 100 chunks, 50 ms apart
+Anything else gets a quick answer. Model "fake-model" is served; any other is a 404.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+MODEL = "fake-model"
+
+
+@dataclass
+class Recorder:
+    bodies: list[dict[str, Any]] = field(default_factory=list)
+    headers: list[dict[str, str]] = field(default_factory=list)
+    abandoned: list[float] = field(default_factory=list)  # monotonic time of each abandonment
+
+    def clear(self) -> None:
+        self.bodies.clear()
+        self.headers.clear()
+        self.abandoned.clear()
+
+
+def completion(body: dict[str, Any]) -> dict[str, Any]:
+    n = body.get("n") or 1
+    message: dict[str, Any] = {
+        "role": "assistant",
+        "content": "Hello from the fake.",
+        "tool_calls": [],
+        "reasoning_content": None,
+    }
+    if body.get("tools"):
+        message = {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {
+                        "name": body["tools"][0]["function"]["name"],
+                        "arguments": '{"city": "Paris"}',
+                    },
+                }
+            ],
+        }
+    logprobs = (
+        {"content": [{"token": "Hello", "logprob": -0.1, "bytes": [72], "top_logprobs": []}]}
+        if body.get("logprobs")
+        else None
+    )
+    return {
+        "id": "chatcmpl-fake",
+        "object": "chat.completion",
+        "created": 1700000000,
+        "model": body["model"],
+        "system_fingerprint": "fp_fake",
+        "choices": [
+            {
+                "index": i,
+                "message": message,
+                "logprobs": logprobs,
+                "finish_reason": "tool_calls" if body.get("tools") else "stop",
+                "stop_reason": None,
+            }
+            for i in range(n)
+        ],
+        "usage": {
+            "prompt_tokens": 9,
+            "completion_tokens": 5,
+            "total_tokens": 14,
+            "prompt_tokens_details": {"cached_tokens": 0},
+        },
+        "prompt_logprobs": None,
+        "kv_transfer_params": None,
+    }
+
+
+def chunk(
+    body: dict[str, Any], delta: dict[str, Any], finish: str | None = None, index: int = 0
+) -> bytes:
+    data = {
+        "id": "chatcmpl-fake",
+        "object": "chat.completion.chunk",
+        "created": 1700000000,
+        "model": body["model"],
+        "system_fingerprint": "fp_fake",
+        "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}],
+    }
+    return b"data: " + json.dumps(data).encode() + b"\n\n"
+
+
+def error(status: int, message: str, kind: str, param: str | None) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"message": message, "type": kind, "param": param, "code": status}},
+        status_code=status,
+    )
+
+
+def build_upstream(recorder: Recorder) -> Starlette:
+    async def chat(request: Request) -> Response:
+        body = await request.json()
+        recorder.bodies.append(body)
+        recorder.headers.append(dict(request.headers))
+        if body.get("model") != MODEL:
+            return error(
+                404, f"The model `{body.get('model')}` does not exist.", "NotFoundError", "model"
+            )
+        if isinstance(body.get("max_tokens"), int) and body["max_tokens"] < 1:
+            return error(
+                400, "max_tokens must be at least 1, got -1.", "BadRequestError", "max_tokens"
+            )
+        last = body["messages"][-1].get("content")
+        if body.get("stream"):
+            return StreamingResponse(stream(body, last), media_type="text/event-stream")
+        if last == "hang":
+            return StreamingResponse(hang(), media_type="application/json")
+        return JSONResponse(completion(body))
+
+    async def hang():
+        try:
+            await asyncio.sleep(30)
+            yield b"{}"
+        except BaseException:
+            recorder.abandoned.append(time.monotonic())
+            raise
+
+    async def stream(body: dict[str, Any], last: Any):
+        finished = False
+        try:
+            n = body.get("n") or 1
+            for i in range(n):
+                yield chunk(body, {"role": "assistant", "content": ""}, index=i)
+            words = ["Hello", " from", " the", " fake", "."]
+            if last == "slow":
+                words = [f" w{i}" for i in range(100)]
+            for word in words:
+                if last == "slow":
+                    await asyncio.sleep(0.05)
+                for i in range(n):
+                    yield chunk(body, {"content": word}, index=i)
+            for i in range(n):
+                yield chunk(body, {}, finish="stop", index=i)
+            if (body.get("stream_options") or {}).get("include_usage"):
+                usage = {
+                    "id": "chatcmpl-fake",
+                    "object": "chat.completion.chunk",
+                    "created": 1700000000,
+                    "model": body["model"],
+                    "choices": [],
+                    "usage": {
+                        "prompt_tokens": 9,
+                        "completion_tokens": 5 * n,
+                        "total_tokens": 9 + 5 * n,
+                    },
+                }
+                yield b"data: " + json.dumps(usage).encode() + b"\n\n"
+            yield b"data: [DONE]\n\n"
+            finished = True
+        finally:
+            if not finished:
+                recorder.abandoned.append(time.monotonic())
+
+    async def models(request: Request) -> Response:
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": [
+                    {
+                        "id": MODEL,
+                        "object": "model",
+                        "created": 1700000000,
+                        "owned_by": "vllm",
+                        "root": "/models/fake",
+                        "parent": None,
+                        "max_model_len": 4096,
+                    }
+                ],
+            }
+        )
+
+    return Starlette(
+        routes=[Route("/v1/chat/completions", chat, methods=["POST"]), Route("/v1/models", models)]
+    )
+
+
+class ServerThread:
+    """An ASGI app served by uvicorn on a real port, in a thread with its own event loop."""
+
+    def __init__(self, app: Any, port: int) -> None:
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        config = uvicorn.Config(
+            app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"
+        )
+        self.server = uvicorn.Server(config)
+        self.server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            if time.monotonic() > deadline:
+                raise RuntimeError("server thread did not start")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
