@@ -10,7 +10,9 @@ as FAKE_VLLM_MODE says, a comma-separated list of:
   grandchild       fork a child process that sleeps, in the same process group (and ignores
                    SIGTERM too with ignore_sigterm)
   die_after=S      exit with code 9 S seconds after becoming ready
-FAKE_VLLM_PIDFILE, if set, receives one pid per line: this process, then any grandchild.
+  die_once=S       the same, but only the first time (a marker file beside the pid file)
+  deaf_after=S     S seconds after becoming ready, stop answering (the process stays)
+FAKE_VLLM_PIDFILE, if set, gets one pid per line appended: this process, then any grandchild.
 """
 
 import argparse
@@ -19,6 +21,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -46,7 +49,7 @@ def main() -> None:
         )
         pids.append(child.pid)
     if pidfile:
-        with open(pidfile, "w") as f:
+        with open(pidfile, "a") as f:
             f.write("\n".join(map(str, pids)) + "\n")
     if "exit" in modes:
         print("ERROR fake vLLM: model could not be loaded", flush=True)
@@ -123,11 +126,21 @@ def main() -> None:
 
     server = ThreadingHTTPServer((args.host, args.port), Handler)
     print(f"INFO fake vLLM ready on port {args.port}", flush=True)
+    if "die_once" in modes and pidfile and not os.path.exists(pidfile + ".died"):
+        open(pidfile + ".died", "w").close()
+        modes["die_after"] = modes["die_once"]
     if "die_after" in modes:
-        import threading
-
         threading.Timer(float(modes["die_after"]), lambda: os._exit(9)).start()
+    if "deaf_after" in modes:
+
+        def deafen() -> None:
+            server.shutdown()
+            server.server_close()
+
+        threading.Timer(float(modes["deaf_after"]), deafen).start()
     server.serve_forever()
+    while True:  # deaf: alive, but nobody answers
+        time.sleep(1)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,10 @@ real signals, real process groups."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -19,15 +22,15 @@ from tide_vllm_cmd.app.options.plugin_vllm import (
     VLLMStartError,
     build_command,
     check_installed,
-    group_members,
 )
+from tide_vllm_cmd.app.options.processes import group_members, listening_pids
 
 
 def make_manager(tmp_path: Path, mode: str = "", fatal: list[str] | None = None, **overrides):
     config = VLLMConfig(
         command=[PYTHON, str(FAKE_VLLM)],
         host="127.0.0.1",
-        port=free_port(),
+        port=overrides.pop("port", None) or free_port(),
         model_name="fake-model",
         startup_timeout=overrides.pop("startup_timeout", 20),
         stop_timeout=overrides.pop("stop_timeout", 5),
@@ -79,12 +82,14 @@ async def test_ready_after_a_slow_start_then_stopped_with_its_whole_group(tmp_pa
     assert any(
         "fake vLLM ready on port" in r.getMessage() for r in caplog.records if r.name == "vllm"
     )
+    group = manager.pid
     pids = pids_of(pidfile)
     assert len(pids) == 2 and all(alive(p) for p in pids)
+    assert set(pids) <= set(group_members(group))
     await manager.stop()
     assert manager.current().state is EngineState.STOPPED
     assert not any(alive(p) for p in pids), "a process of the vLLM group survived stop()"
-    assert group_members(pids[0]) == []
+    assert group_members(group) == []
 
 
 async def test_never_ready_times_out_kills_the_group_and_reports_fatal(tmp_path):
@@ -123,19 +128,107 @@ async def test_a_group_that_ignores_sigterm_is_killed_after_the_grace(tmp_path):
     assert 1.0 <= took < 8, f"stop took {took:.1f}s"
 
 
-async def test_vllm_dying_while_ready_turns_health_to_failed(tmp_path):
-    manager, pidfile = make_manager(tmp_path, "die_after=1,grandchild")
+async def wait_state(manager, state: EngineState, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while manager.current().state is not state:
+        assert time.monotonic() < deadline, f"never {state.value}: {manager.current()}"
+        await asyncio.sleep(0.02)
+
+
+async def test_vllm_dying_is_noticed_at_once_and_it_is_restarted(tmp_path):
+    manager, pidfile = make_manager(tmp_path, "die_once=1,grandchild", restart_backoff=0.5)
     await manager.start()
     await asyncio.wait_for(manager.wait_ready(), 20)
-    pids = pids_of(pidfile)
-    deadline = time.monotonic() + 10
-    while manager.current().state is not EngineState.FAILED:
-        assert time.monotonic() < deadline, "the death of vLLM was not noticed"
-        await asyncio.sleep(0.1)
+    first = pids_of(pidfile)
+    await wait_state(manager, EngineState.RESTARTING, timeout=5)
     assert not manager.current().healthy
     assert "exited unexpectedly with code 9" in manager.current().detail
-    deadline = time.monotonic() + 10
-    while any(alive(p) for p in pids):  # what was left of the group is cleaned up
-        assert time.monotonic() < deadline, "the rest of the group was left running"
-        await asyncio.sleep(0.1)
+    await wait_state(manager, EngineState.READY)
+    assert manager.restarts == 1
+    assert not any(alive(p) for p in first), "what was left of the dead vLLM still runs"
+    assert all(alive(p) for p in pids_of(pidfile)[len(first) :])
     await manager.stop()
+
+
+async def test_after_max_restarts_the_state_is_failed_and_says_why(tmp_path, caplog):
+    manager, pidfile = make_manager(
+        tmp_path, "die_after=1.5,grandchild", max_restarts=2, restart_backoff=0.1
+    )
+    await manager.start()
+    await wait_state(manager, EngineState.FAILED, timeout=30)
+    assert manager.restarts == 2
+    assert "gave up after 2 restart(s)" in manager.current().detail
+    assert "exited unexpectedly with code 9" in manager.current().detail
+    assert any("gave up" in r.getMessage() for r in caplog.records if r.levelname == "ERROR")
+    assert len(pids_of(pidfile)) == 6  # three incarnations of vLLM and its grandchild
+    assert not any(alive(p) for p in pids_of(pidfile))
+    await manager.stop()
+
+
+async def test_a_vllm_that_stops_answering_is_restarted(tmp_path):
+    manager, pidfile = make_manager(
+        tmp_path, "deaf_after=2", health_failures_before_restart=2, restart_backoff=0.1
+    )
+    await manager.start()
+    await asyncio.wait_for(manager.wait_ready(), 20)
+    first = pids_of(pidfile)
+    await wait_state(manager, EngineState.RESTARTING)
+    assert "failed 2 health checks in a row" in manager.current().detail
+    await wait_state(manager, EngineState.READY)
+    assert manager.restarts == 1
+    assert not any(alive(p) for p in first), "the deaf vLLM was left running"
+    await manager.stop()
+
+
+async def test_a_stale_vllm_group_from_an_earlier_run_is_reclaimed(tmp_path):
+    port = free_port()
+    stale = subprocess.Popen(
+        [PYTHON, str(FAKE_VLLM), "--port", str(port), "--served-model-name", "fake-model"],
+        start_new_session=True,
+        env={
+            **os.environ,
+            "FAKE_VLLM_MODE": "grandchild",
+            "FAKE_VLLM_PIDFILE": str(tmp_path / "old"),
+        },
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not listening_pids(port):
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        pid_file = tmp_path / "vllm.pid"
+        pid_file.write_text(json.dumps({"pgid": stale.pid, "port": port}))
+        manager, _ = make_manager(tmp_path, "", port=port, pid_file=str(pid_file))
+        await manager.start()
+        await asyncio.wait_for(manager.wait_ready(), 20)
+        assert not any(alive(int(p)) for p in (tmp_path / "old").read_text().split())
+        assert json.loads(pid_file.read_text())["pgid"] == manager.pid
+        await manager.stop()
+        assert not pid_file.exists()
+    finally:
+        stale.kill()
+        stale.wait()
+
+
+async def test_a_foreign_process_on_the_vllm_port_is_named(tmp_path):
+    port = free_port()
+    foreign = subprocess.Popen(
+        [PYTHON, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not listening_pids(port):
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        manager, _ = make_manager(tmp_path, "", port=port)
+        with pytest.raises(VLLMStartError) as info:
+            await manager.start()
+        message = str(info.value)
+        assert f"vllm.port {port} is already in use by pid {foreign.pid}" in message
+        assert "http.server" in message
+        assert foreign.poll() is None, "a foreign process must not be killed"
+    finally:
+        foreign.kill()
+        foreign.wait()

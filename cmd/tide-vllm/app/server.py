@@ -40,6 +40,7 @@ class Context:
     monitor: EngineMonitor | None = None
     exit_code: int = EXIT_OK
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    force: bool = False  # a second SIGINT: stop now, without waiting for requests
 
     def request_shutdown(self) -> None:
         self.stopping.set()
@@ -87,6 +88,11 @@ async def serve(config_path: Path, plugins: list[Plugin] | None = None) -> int:
 
 
 def _on_signal(ctx: Context, sig: signal.Signals) -> None:
+    if ctx.stopping.is_set():
+        if sig == signal.SIGINT:
+            log.warning("second SIGINT: stopping at once")
+            ctx.force = True
+        return
     log.info("received %s: shutting down", sig.name)
     ctx.request_shutdown()
 

@@ -21,7 +21,13 @@ from tide_vllm.application.application import Application
 from tide_vllm.domain.chat.entity import ChatDelta, ChatError, ChatResult, InvalidChatRequest
 from tide_vllm.provider.provider import Provider
 
-from .errors import OPENAI_SHAPE, TIDE_SHAPE, ClientDisconnected, openai_error_body
+from .errors import (
+    OPENAI_SHAPE,
+    TIDE_SHAPE,
+    ClientDisconnected,
+    RequestRejected,
+    openai_error_body,
+)
 from .schemas import HealthResponse, TideChatRequest, TideChatResponse
 
 router = APIRouter()
@@ -54,6 +60,13 @@ async def health(app: App) -> JSONResponse:
         vllm_state=status.state.value,
     )
     return JSONResponse(body.model_dump(), status_code=200 if status.healthy else 503)
+
+
+@router.get("/ready", summary="Readiness probe: 200 once vLLM serves the model, else 503")
+async def ready(app: App) -> JSONResponse:
+    status = await app.health()
+    body = {"ready": status.healthy, "status": "ready" if status.healthy else status.detail}
+    return JSONResponse(body, status_code=200 if status.healthy else 503)
 
 
 @router.get("/v1/models", summary="The served model(s), as vLLM lists them")
@@ -252,7 +265,21 @@ async def _disconnected(request: Request) -> None:
 
 
 async def read_json_object(request: Request) -> dict[str, Any]:
-    raw = await request.body()
+    """The body as a JSON object: one parse, with the size capped while it is read."""
+    content_type = request.headers.get("content-type")
+    if content_type is not None:
+        media = content_type.split(";", 1)[0].strip().lower()
+        if media != "application/json" and not media.endswith("+json"):
+            raise RequestRejected(415, "Content-Type", f"must be application/json, not {media!r}")
+    limit: int = request.app.state.max_body_bytes
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise RequestRejected(413, "body", f"larger than the limit of {limit} bytes")
+    raw = b""
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > limit:
+            raise RequestRejected(413, "body", f"larger than the limit of {limit} bytes")
     if not raw:
         raise InvalidChatRequest("body", "a JSON object is required")
     try:

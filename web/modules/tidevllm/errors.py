@@ -37,6 +37,14 @@ class ClientDisconnected(Exception):
     """The client went away before its answer was ready; the work was cancelled."""
 
 
+class RequestRejected(Exception):
+    """A request refused before it is read as a chat (size, media type)."""
+
+    def __init__(self, status: int, param: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.param, self.message = status, param, message
+
+
 def status_of(exc: ChatError) -> int:
     if isinstance(exc, InvalidChatRequest):
         return 400
@@ -118,6 +126,11 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(request, exc.status_code, str(exc.detail))
 
 
+async def _rejected(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestRejected)
+    return error_response(request, exc.status, f"{exc.param}: {exc.message}", param=exc.param)
+
+
 async def _client_disconnected(request: Request, exc: Exception) -> Response:
     return Response(status_code=CLIENT_CLOSED_REQUEST)
 
@@ -130,6 +143,7 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ChatError, _chat_error)
     app.add_exception_handler(ClientDisconnected, _client_disconnected)
+    app.add_exception_handler(RequestRejected, _rejected)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)

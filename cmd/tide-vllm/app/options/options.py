@@ -40,6 +40,10 @@ class BindAddress(_Section):
 
 class WebConfig(_Section):
     bind_address: BindAddress = BindAddress()
+    shutdown_grace: float = Field(
+        30, ge=0, description="On SIGTERM/SIGINT, how long in-flight requests may finish."
+    )
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Larger bodies get 413.")
 
 
 class VLLMConfig(_Section):
@@ -79,6 +83,19 @@ class VLLMConfig(_Section):
     env: dict[str, str] = Field(default_factory=dict)
     stop_timeout: float = Field(15, gt=0, description="Grace after SIGTERM before SIGKILL.")
     health_interval: float = Field(5, gt=0)
+    health_failures_before_restart: int = Field(
+        3, ge=1, description="Consecutive failed health polls of a running vLLM that restart it."
+    )
+    max_restarts: int = Field(
+        5, ge=0, description="Restarts in a row (without a stable minute between) before failed."
+    )
+    restart_backoff: float = Field(1, gt=0, description="First delay before a restart; doubles.")
+    restart_backoff_max: float = Field(60, gt=0)
+    pid_file: str | None = Field(
+        None,
+        description="Records vLLM's process group, to reclaim one left by an earlier run; "
+        "null = ~/.cache/tide-vllm/run/vllm-<port>.pid.",
+    )
     api_key: str | None = Field(None, description="Bearer key sent to vLLM (manual mode).")
 
     @field_validator("model_path")
@@ -86,6 +103,12 @@ class VLLMConfig(_Section):
     def _expand_user(cls, value: str) -> str:
         # A local folder may be written as ~/...; a Hugging Face id never starts with "~".
         return os.path.expanduser(value)
+
+    @property
+    def pid_path(self) -> Path:
+        if self.pid_file:
+            return Path(os.path.expanduser(self.pid_file))
+        return Path.home() / ".cache" / "tide-vllm" / "run" / f"vllm-{self.port}.pid"
 
     @property
     def connect_host(self) -> str:

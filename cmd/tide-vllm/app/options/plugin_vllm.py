@@ -1,9 +1,10 @@
-"""VLLMServerManager: starts, watches and stops one vLLM server process group.
+"""VLLMServerManager: starts, watches, restarts and stops one vLLM server process group.
 
 vLLM's API server forks `VLLM::EngineCore`, which forks `VLLM::Worker`; a resource tracker runs
 beside them. Killing only the API server leaves the others running with gigabytes of memory, so
-the manager starts vLLM in a new session (its own process group) and always signals the whole
-group, checking in /proc that no member is left.
+vLLM runs under a small launcher (vllm_launcher.py) that leads a new process group, and the
+manager always signals the whole group, checking in /proc that no member is left. The launcher
+also ends the group by itself if tide-vllm dies, even by SIGKILL.
 """
 
 from __future__ import annotations
@@ -11,13 +12,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
 import signal
 import sys
+import time
 from collections import deque
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from tide_vllm.domain.chat.entity import EngineState, EngineStatus
@@ -25,14 +29,18 @@ from tide_vllm.infrastructure.vllm.vllm_client import VLLMClient
 from tide_vllm.infrastructure.vllm.vllm_repository import probe_models
 
 from .options import VLLMConfig, default_vllm_command
+from .processes import command_line, group_members, listening_pids, process_group
 
 log = logging.getLogger("tide_vllm.supervisor")
 vllm_log = logging.getLogger("vllm")
 
+LAUNCHER = Path(__file__).with_name("vllm_launcher.py")
 READY_POLL_INTERVAL = 1.0
 EXIT_POLL_INTERVAL = 0.1
 PROBE_TIMEOUT = 2.0
 LINE_LIMIT = 1 << 20
+STABLE_AFTER = 60.0  # ready this long: the next crash starts the restart count afresh
+ORPHAN_GRACE = 3.0  # launcher's grace between SIGTERM and SIGKILL when tide-vllm is gone
 
 
 class VLLMStartError(Exception):
@@ -80,31 +88,57 @@ def check_installed(config: VLLMConfig) -> None:
         )
 
 
-def group_members(pgid: int) -> list[int]:
-    """Live (non-zombie) processes of a process group, read from /proc.
+def reclaim_or_refuse_port(config: VLLMConfig) -> None:
+    """Before launching: a vLLM group left by an earlier run (recorded in the pid file) is
+    stopped; anything else holding vLLM's port is an error naming the port and the process."""
+    pid_path = config.pid_path
+    stale = _recorded_group(pid_path)
+    if stale is not None and group_members(stale):
+        log.warning("stopping vLLM process group %d left by an earlier run", stale)
+        _kill_group_now(stale)
+    with contextlib.suppress(OSError):
+        pid_path.unlink()
+    owners = listening_pids(config.port)
+    if owners:
+        who = ", ".join(f"pid {pid} ({command_line(pid)[:120]})" for pid in owners)
+        raise VLLMStartError(
+            f"vllm.port {config.port} is already in use by {who}; stop it, choose another "
+            "vllm.port, or set vllm.auto_start: false to use that server"
+        )
 
-    Zombies are skipped: an orphan re-parented to a PID 1 that does not reap stays a zombie
-    forever, yet holds no memory and no port.
-    """
-    members = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat", "rb") as f:
-                stat = f.read().decode(errors="replace")
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2 :].split()
-        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
-            members.append(int(entry.name))
-    return members
+
+def _recorded_group(pid_path: Path) -> int | None:
+    try:
+        record = json.loads(pid_path.read_text())
+        pgid = int(record["pgid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    # Only a group still led by our launcher is ours to kill (pids are reused).
+    if process_group(pgid) == pgid and str(LAUNCHER.name) in command_line(pgid):
+        return pgid
+    members = group_members(pgid)
+    if members and any("vllm" in command_line(p).lower() for p in members):
+        return pgid
+    return None
+
+
+def _kill_group_now(pgid: int) -> None:
+    for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, sig)
+        deadline = time.monotonic() + wait
+        while group_members(pgid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if not group_members(pgid):
+            return
 
 
 class VLLMServerManager:
     """The supervisor of DESIGN.md section 3, and the EngineMonitor of auto-start mode.
 
-    States: stopped → starting → ready ⇄ unhealthy → stopping → stopped, plus failed.
+    States: stopped → starting → ready ⇄ unhealthy → stopping → stopped; a crash or a hang
+    goes through restarting (exponential backoff) back to starting, and after `max_restarts`
+    to failed, where it stays (the service keeps answering 503 and says why).
     """
 
     def __init__(
@@ -120,10 +154,12 @@ class VLLMServerManager:
         self._state = EngineState.STOPPED
         self._detail = "vLLM is not started"
         self._process: asyncio.subprocess.Process | None = None
+        self._lifeline: int | None = None
         self._tail: deque[str] = deque(maxlen=20)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._ready = asyncio.Event()
         self._client = VLLMClient(config.base_url, timeout=PROBE_TIMEOUT, api_key=config.api_key)
+        self.restarts = 0
 
     # -- EngineMonitor -------------------------------------------------------------------
     def current(self) -> EngineStatus:
@@ -134,49 +170,36 @@ class VLLMServerManager:
 
     @property
     def pid(self) -> int | None:
+        """The launcher's pid, which is also vLLM's process group id."""
         return self._process.pid if self._process else None
 
     # -- life cycle ----------------------------------------------------------------------
     async def start(self) -> None:
-        """Launch vLLM and return; readiness is awaited in the background (`wait_ready`)."""
+        """Launch vLLM and return; readiness is awaited in the background (`wait_ready`).
+        Raises VLLMStartError when vLLM cannot be launched at all."""
         check_installed(self.config)
-        command = build_command(self.config)
-        log.info("starting vLLM: %s", " ".join(command))
-        try:
-            self._process = await asyncio.create_subprocess_exec(
-                *command,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT,
-                start_new_session=True,  # own process group: stop() signals all of it
-                env=self._env,
-                limit=LINE_LIMIT,
-            )
-        except OSError as exc:
-            raise VLLMStartError(f"cannot launch vLLM ({command[0]}): {exc.strerror}") from None
-        self._set(EngineState.STARTING, f"vLLM is starting (pid {self._process.pid})")
-        self._spawn(self._pump_output(self._process), "pump")
-        self._spawn(self._supervise(self._process), "supervise")
+        reclaim_or_refuse_port(self.config)
+        process = await self._launch()
+        self._spawn(self._supervise(process), "supervise")
 
     async def wait_ready(self) -> None:
-        """Until ready; raises VLLMStartError if the start failed."""
+        """Until the first start succeeded; raises VLLMStartError if it failed."""
         await self._ready.wait()
         if self._state is not EngineState.READY:
             raise VLLMStartError(self._detail)
 
-    async def stop(self) -> None:
-        """SIGTERM to the group, SIGKILL after `stop_timeout`; returns when no member is left."""
-        for task in list(self._tasks):
-            if task.get_name() != "pump":
-                task.cancel()
+    async def stop(self, grace: float | None = None) -> None:
+        """SIGTERM to the group, SIGKILL after `grace` (default `stop_timeout`); returns when
+        no member is left."""
+        supervisors = [t for t in self._tasks if t.get_name() == "supervise"]
+        for task in supervisors:
+            task.cancel()
+        await asyncio.gather(*supervisors, return_exceptions=True)
         process = self._process
-        if process is not None and self._state is not EngineState.STOPPED:
+        if process is not None:
             self._set(EngineState.STOPPING, "vLLM is stopping")
-            await self._terminate_group(process)
-            self._set(EngineState.STOPPED, "vLLM is stopped")
-        # The group is gone, so the output pipe is at EOF: let the pump read the last lines.
-        if self._tasks:
-            await asyncio.wait(self._tasks, timeout=2.0)
+            await self._terminate_group(process, grace)
+        self._set(EngineState.STOPPED, "vLLM is stopped")
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -194,6 +217,46 @@ class VLLMServerManager:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    async def _launch(self) -> asyncio.subprocess.Process:
+        command = build_command(self.config)
+        log.info("starting vLLM: %s", " ".join(command))
+        read_end, write_end = os.pipe()  # the lifeline: only tide-vllm holds the write end
+        try:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                str(LAUNCHER),
+                str(read_end),
+                str(min(self.config.stop_timeout, ORPHAN_GRACE)),
+                "--",
+                *command,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                start_new_session=True,  # own process group: stop() signals all of it
+                pass_fds=(read_end,),
+                env=self._env,
+                limit=LINE_LIMIT,
+            )
+        except OSError as exc:
+            os.close(write_end)
+            raise VLLMStartError(f"cannot launch vLLM ({command[0]}): {exc.strerror}") from None
+        finally:
+            os.close(read_end)
+        self._process, self._lifeline = process, write_end
+        self._tail.clear()
+        self._record_group(process.pid)
+        self._set(EngineState.STARTING, f"vLLM is starting (pid {process.pid})")
+        self._spawn(self._pump_output(process), "pump")
+        return process
+
+    def _record_group(self, pgid: int) -> None:
+        path = self.config.pid_path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"pgid": pgid, "port": self.config.port}))
+        except OSError as exc:
+            log.warning("cannot write the pid file %s: %s", path, exc.strerror)
+
     async def _pump_output(self, process: asyncio.subprocess.Process) -> None:
         """vLLM's output, line by line, to the `vllm` logger, without blocking the loop."""
         assert process.stdout is not None
@@ -210,19 +273,56 @@ class VLLMServerManager:
                 vllm_log.info("%s", line)
 
     async def _supervise(self, process: asyncio.subprocess.Process) -> None:
-        try:
-            await self._await_ready(process)
-        except VLLMStartError as exc:
-            self._set(EngineState.FAILED, str(exc))
-            log.error("%s", exc)
-            await self._terminate_group(process)
-            self._ready.set()
-            if self.on_fatal:
-                self.on_fatal(str(exc))
-            return
-        self._set(EngineState.READY, "healthy")
-        self._ready.set()
-        await self._watch(process)
+        """Start, watch, and restart with backoff; the first start failing is fatal."""
+        ever_ready = False
+        while True:
+            try:
+                await self._await_ready(process)
+            except VLLMStartError as exc:
+                reason = str(exc)
+                self._set(EngineState.FAILED, reason)
+                log.error("%s", reason)
+                await self._terminate_group(process)
+                if not ever_ready:
+                    self._ready.set()
+                    if self.on_fatal:
+                        self.on_fatal(reason)
+                    return
+            else:
+                ever_ready = True
+                self._set(EngineState.READY, "healthy")
+                self._ready.set()
+                ready_at = time.monotonic()
+                reason = await self._watch(process)
+                log.error("%s", reason)
+                self._set(EngineState.RESTARTING, reason)
+                await self._terminate_group(process)
+                if time.monotonic() - ready_at >= STABLE_AFTER:
+                    self.restarts = 0
+            if self.restarts >= self.config.max_restarts:
+                message = (
+                    f"vLLM gave up after {self.restarts} restart(s) "
+                    f"(vllm.max_restarts={self.config.max_restarts}); last failure: {reason}"
+                )
+                self._set(EngineState.FAILED, message)
+                log.error("%s", message)
+                return
+            delay = min(
+                self.config.restart_backoff * 2**self.restarts, self.config.restart_backoff_max
+            )
+            self.restarts += 1
+            self._set(
+                EngineState.RESTARTING,
+                f"restarting vLLM in {delay:g}s (restart {self.restarts} of "
+                f"{self.config.max_restarts}) after: {reason}",
+            )
+            await asyncio.sleep(delay)
+            try:
+                process = await self._launch()
+            except VLLMStartError as exc:
+                self._set(EngineState.FAILED, str(exc))
+                log.error("%s", exc)
+                return
 
     async def _await_ready(self, process: asyncio.subprocess.Process) -> None:
         loop = asyncio.get_running_loop()
@@ -248,8 +348,11 @@ class VLLMServerManager:
             self._detail = f"vLLM is starting ({loop.time() - started:.0f}s)"
             await _until_exit(process, READY_POLL_INTERVAL)
 
-    async def _watch(self, process: asyncio.subprocess.Process) -> None:
-        """Health polled while vLLM runs; its exit is noticed within EXIT_POLL_INTERVAL."""
+    async def _watch(self, process: asyncio.subprocess.Process) -> str:
+        """Health polled while vLLM runs; returns why it must be restarted. Its exit is
+        noticed within EXIT_POLL_INTERVAL; a vLLM that stops answering its health checks
+        `health_failures_before_restart` times in a row counts as hung."""
+        failures = 0
         while not await _until_exit(process, self.config.health_interval):
             status = await probe_models(
                 self._client, self.config.model_name, PROBE_TIMEOUT, EngineState.READY
@@ -257,33 +360,45 @@ class VLLMServerManager:
             if process.returncode is not None:
                 break
             if status.healthy:
+                failures = 0
                 self._set(EngineState.READY, "healthy")
-            else:
-                self._set(EngineState.UNHEALTHY, status.detail)
-        message = f"vLLM exited unexpectedly with code {process.returncode}"
-        self._set(EngineState.FAILED, message + self._last_words())
-        log.error("%s", self._detail)
-        await self._terminate_group(process)
+                continue
+            failures += 1
+            self._set(EngineState.UNHEALTHY, status.detail)
+            if failures >= self.config.health_failures_before_restart:
+                return f"vLLM failed {failures} health checks in a row: {status.detail}"
+        return f"vLLM exited unexpectedly with code {process.returncode}" + self._last_words()
 
     def _last_words(self) -> str:
         lines = [line for line in self._tail if line.strip()][-3:]
         return ("; vLLM's last output: " + " | ".join(lines)) if lines else ""
 
-    async def _terminate_group(self, process: asyncio.subprocess.Process) -> None:
-        pgid = process.pid  # setsid made the leader's pid the group id
-        if not group_members(pgid) and process.returncode is not None:
-            return
-        self._signal_group(pgid, signal.SIGTERM)
-        if not await self._wait_group_gone(process, self.config.stop_timeout):
-            log.warning(
-                "vLLM group %d still running %.0fs after SIGTERM; sending SIGKILL",
-                pgid,
-                self.config.stop_timeout,
-            )
-            self._signal_group(pgid, signal.SIGKILL)
-            if not await self._wait_group_gone(process, 5.0):
-                log.error("vLLM processes %s survived SIGKILL", group_members(pgid))
-        log.info("vLLM process group %d stopped", pgid)
+    async def _terminate_group(
+        self, process: asyncio.subprocess.Process, grace: float | None = None
+    ) -> None:
+        pgid = process.pid  # setsid made the launcher's pid the group id
+        grace = self.config.stop_timeout if grace is None else grace
+        if group_members(pgid) or process.returncode is None:
+            self._signal_group(pgid, signal.SIGTERM)
+            if not await self._wait_group_gone(process, grace):
+                log.warning(
+                    "vLLM group %d still running %.0fs after SIGTERM; sending SIGKILL",
+                    pgid,
+                    grace,
+                )
+                self._signal_group(pgid, signal.SIGKILL)
+                if not await self._wait_group_gone(process, 5.0):
+                    log.error("vLLM processes %s survived SIGKILL", group_members(pgid))
+            log.info("vLLM process group %d stopped", pgid)
+        # The group is gone, so the output pipe is at EOF: let the pump read the last lines.
+        pumps = [t for t in self._tasks if t.get_name() == "pump"]
+        if pumps:
+            await asyncio.wait(pumps, timeout=2.0)
+        if self._lifeline is not None:
+            os.close(self._lifeline)
+            self._lifeline = None
+        with contextlib.suppress(OSError):
+            self.config.pid_path.unlink()
 
     @staticmethod
     def _signal_group(pgid: int, sig: signal.Signals) -> None:
@@ -352,4 +467,4 @@ class VLLMPlugin:
 
     async def stop(self, ctx: Any) -> None:
         if self.manager is not None:
-            await self.manager.stop()
+            await self.manager.stop(grace=1.0 if ctx.force else None)

@@ -15,6 +15,7 @@ from fastapi import FastAPI
 from tide_vllm.domain.chat.factory import ChatDefaults
 from tide_vllm.domain.chat.repository import EngineMonitor
 from tide_vllm.provider.provider import ProviderSettings, open_provider
+from web.lifecycle import Lifecycle, LifecycleMiddleware
 from web.modules.tidevllm.controller import router
 from web.modules.tidevllm.errors import install_error_handlers
 
@@ -43,6 +44,7 @@ def build_app(
     settings: ProviderSettings,
     monitor: EngineMonitor | None = None,
     transport: httpx.AsyncBaseTransport | None = None,
+    max_body_bytes: int = 8 * 1024 * 1024,
 ) -> FastAPI:
     """The ASGI app; its lifespan opens the provider (and its shared HTTP client)."""
 
@@ -58,8 +60,11 @@ def build_app(
         version="0.1.0",
         lifespan=lifespan,
     )
+    app.state.max_body_bytes = max_body_bytes
+    app.state.lifecycle = Lifecycle()
     app.include_router(router)
     install_error_handlers(app)
+    app.add_middleware(LifecycleMiddleware, lifecycle=app.state.lifecycle)
     return app
 
 
@@ -78,10 +83,16 @@ class WebHandlerPlugin:
     def __init__(self) -> None:
         self.server: _Server | None = None
         self.task: asyncio.Task[None] | None = None
+        self.lifecycle = Lifecycle()
+        self.grace = 0.0
 
     async def start(self, ctx: Any) -> None:
         config: Config = ctx.config
-        app = build_app(provider_settings(config), ctx.monitor)
+        app = build_app(
+            provider_settings(config), ctx.monitor, max_body_bytes=config.web.max_body_bytes
+        )
+        self.lifecycle = app.state.lifecycle
+        self.grace = config.web.shutdown_grace
         bind = config.web.bind_address
         self.server = _Server(
             uvicorn.Config(
@@ -90,7 +101,7 @@ class WebHandlerPlugin:
                 port=bind.port,
                 log_config=None,
                 lifespan="on",
-                timeout_graceful_shutdown=10,
+                timeout_graceful_shutdown=2,  # requests were drained before (stop)
             )
         )
         self.task = asyncio.get_running_loop().create_task(self._serve(ctx))
@@ -109,7 +120,19 @@ class WebHandlerPlugin:
         ctx.request_shutdown()
 
     async def stop(self, ctx: Any) -> None:
+        """Drain: new requests get 503 at once, requests in flight (streams included) get up
+        to `web.shutdown_grace` to finish; a second SIGINT (ctx.force) cuts that short."""
         if self.server is None or self.task is None:
             return
+        self.lifecycle.draining = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.grace
+        if self.lifecycle.in_flight:
+            log.info("draining %d request(s) in flight", self.lifecycle.in_flight)
+        while self.lifecycle.in_flight and loop.time() < deadline and not ctx.force:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        if self.lifecycle.in_flight:
+            log.warning("stopping with %d request(s) still in flight", self.lifecycle.in_flight)
         self.server.should_exit = True
+        self.server.force_exit = bool(ctx.force)
         await self.task

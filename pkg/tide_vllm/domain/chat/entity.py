@@ -133,6 +133,7 @@ class EngineState(str, Enum):
     READY = "ready"
     UNHEALTHY = "unhealthy"
     STOPPING = "stopping"
+    RESTARTING = "restarting"
     FAILED = "failed"
     DISABLED = "disabled"
     EXTERNAL = "external"

@@ -1,0 +1,67 @@
+"""vLLM's launcher: runs the vLLM command as its child and ends vLLM's whole process group when
+tide-vllm dies, however it dies.
+
+Why a launcher: tide-vllm cannot act on its own SIGKILL, and vLLM's API server forks EngineCore,
+which forks Worker; killed or orphaned, those keep running (re-parented to PID 1) with gigabytes
+of memory. PR_SET_PDEATHSIG reaches only a direct child, not those grandchildren, and a watchdog
+that polls would need a process of its own anyway. So tide-vllm starts this small launcher as
+the leader of a new process group, with the read end of a pipe whose write end only tide-vllm
+holds. When tide-vllm exits — cleanly, by exception or by SIGKILL — the kernel closes that end,
+the launcher reads EOF and sends SIGTERM, then SIGKILL, to its whole group (itself included).
+
+Usage (by tide-vllm only): vllm_launcher.py LIFELINE_FD GRACE_SECONDS -- COMMAND...
+Standard library only: it must start fast and import nothing of vLLM's or ours.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+
+def end_group(child: subprocess.Popen[bytes], grace: float) -> None:
+    """SIGTERM to the group, SIGKILL after `grace` (or as soon as vLLM's API server is gone
+    and its children had a moment to follow)."""
+    os.killpg(0, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+    os.killpg(0, signal.SIGKILL)  # ends this launcher too
+
+
+def watch_lifeline(fd: int, child: subprocess.Popen[bytes], grace: float) -> None:
+    try:
+        while os.read(fd, 64):
+            pass
+    except OSError:
+        pass
+    print("tide-vllm launcher: tide-vllm is gone; stopping vLLM", file=sys.stderr, flush=True)
+    end_group(child, grace)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) < 4 or argv[2] != "--":
+        print(__doc__, file=sys.stderr)
+        return 2
+    fd, grace, command = int(argv[0]), float(argv[1]), argv[3:]
+    try:
+        child = subprocess.Popen(command)
+    except OSError as exc:
+        print(f"tide-vllm launcher: cannot run {command[0]}: {exc.strerror}", file=sys.stderr)
+        return 127
+    # Installed after the fork so vLLM keeps the default dispositions. The group's SIGTERM is
+    # meant for vLLM; the launcher leaves when its child does.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=watch_lifeline, args=(fd, child, grace), daemon=True).start()
+    code = child.wait()
+    return code if code >= 0 else 128 - code
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
