@@ -5,6 +5,7 @@ tests can assert what vLLM would have seen. The user's last message steers it:
   "hang"  — answer nothing for 30 s (the non-streaming body is sent as a stream, so the server
             notices a disconnect, as vLLM does, and records it)
   "slow"  — stream 100 chunks, 50 ms apart
+  "fail500" — a 500 with vLLM's error body;  "html" — a 200 that is not JSON
 Anything else gets a quick answer. Model "fake-model" is served; any other is a 404.
 """
 
@@ -116,6 +117,12 @@ def error(status: int, message: str, kind: str, param: str | None) -> JSONRespon
 
 def build_upstream(recorder: Recorder) -> Starlette:
     async def chat(request: Request) -> Response:
+        try:
+            return await answer(request)
+        except Exception as exc:  # like vLLM: a request it cannot read is a 400
+            return error(400, f"invalid request: {exc!r}", "BadRequestError", None)
+
+    async def answer(request: Request) -> Response:
         body = await request.json()
         recorder.bodies.append(body)
         recorder.headers.append(dict(request.headers))
@@ -123,11 +130,23 @@ def build_upstream(recorder: Recorder) -> Starlette:
             return error(
                 404, f"The model `{body.get('model')}` does not exist.", "NotFoundError", "model"
             )
+        max_tokens = body.get("max_tokens")
+        if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens > 4096):
+            return error(
+                400,
+                "max_tokens must be an integer within the context (4096 tokens).",
+                "BadRequestError",
+                "max_tokens",
+            )
         if isinstance(body.get("max_tokens"), int) and body["max_tokens"] < 1:
             return error(
                 400, "max_tokens must be at least 1, got -1.", "BadRequestError", "max_tokens"
             )
         last = body["messages"][-1].get("content")
+        if last == "fail500":
+            return error(500, "EngineCore encountered an issue.", "InternalServerError", None)
+        if last == "html":
+            return Response("<html>502 Bad Gateway</html>", media_type="text/html")
         if body.get("stream"):
             return StreamingResponse(stream(body, last), media_type="text/event-stream")
         if last == "hang":
@@ -226,3 +245,17 @@ class ServerThread:
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
         self.thread.join(10)
+
+
+if (
+    __name__ == "__main__"
+):  # a process of its own, for load tests: python -m tests.fakes.upstream PORT
+    import sys
+
+    uvicorn.run(
+        build_upstream(Recorder()),
+        host="127.0.0.1",
+        port=int(sys.argv[1]),
+        log_level="warning",
+        access_log=False,
+    )

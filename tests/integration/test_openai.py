@@ -371,3 +371,25 @@ def test_a_tide_stream_sends_deltas_then_finish_reason_and_usage_then_done(tide,
     assert events[-1]["finish_reason"] == "stop"
     assert events[-1]["usage"] == {"prompt_tokens": 9, "completion_tokens": 5, "total_tokens": 14}
     assert recorder.bodies[-1]["stream_options"] == {"include_usage": True}
+
+
+# -- upstream faults ---------------------------------------------------------------------------
+
+
+def test_a_vllm_server_error_is_relayed_with_its_status_and_message(client):
+    with pytest.raises(openai.InternalServerError) as info:
+        client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "fail500"}]
+        )
+    assert info.value.status_code == 500
+    assert "EngineCore encountered an issue." in info.value.message
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/chat/completions"])
+def test_an_upstream_answer_that_is_not_json_is_a_502(tide, path):
+    r = httpx.post(
+        tide.url + path, json={"model": MODEL, "messages": [{"role": "user", "content": "html"}]}
+    )
+    assert r.status_code == 502
+    assert "not JSON" in r.json()["error"]["message"]
+    assert httpx.get(tide.url + "/v1/models").status_code == 200  # and tide-vllm is fine

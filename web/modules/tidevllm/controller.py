@@ -9,6 +9,7 @@ OpenAI answer, carried unchanged.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any, TypeVar
 
@@ -28,7 +29,7 @@ from .errors import (
     RequestRejected,
     openai_error_body,
 )
-from .schemas import HealthResponse, TideChatRequest, TideChatResponse
+from .schemas import REQUEST_ID_PATTERN, HealthResponse, TideChatRequest, TideChatResponse
 
 router = APIRouter()
 
@@ -37,6 +38,7 @@ T = TypeVar("T")
 REQUEST_ID_HEADER = "x-request-id"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 DONE = b"data: [DONE]\n\n"
+_REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
 
 
 def get_provider(request: Request) -> Provider:
@@ -104,7 +106,7 @@ _CHAT_BODY = {
 
 async def chat_completions(request: Request, app: App) -> Response:
     request.state.shape = TIDE_SHAPE if request.url.path == "/chat/completions" else OPENAI_SHAPE
-    request.state.request_id = request.headers.get(REQUEST_ID_HEADER)
+    request.state.request_id = _valid_request_id(request.headers.get(REQUEST_ID_HEADER))
     body = await read_json_object(request)
     has_prompt, has_messages = "prompt" in body, "messages" in body
     if has_prompt and has_messages:
@@ -302,8 +304,11 @@ def _not_utf8(raw: bytes) -> bool:
 
 
 def _given_request_id(body: dict[str, Any]) -> str | None:
-    value = body.get("request_id")
-    return value if isinstance(value, str) and 0 < len(value) <= 256 else None
+    return _valid_request_id(body.get("request_id"))
+
+
+def _valid_request_id(value: Any) -> str | None:
+    return value if isinstance(value, str) and _REQUEST_ID.match(value) else None
 
 
 def parse(model: type[TideChatRequest], body: dict[str, Any]) -> TideChatRequest:

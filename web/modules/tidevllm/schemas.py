@@ -6,6 +6,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tide_vllm.domain.chat.entity import ChatResult
 
+# A request id travels in HTTP headers too: printable ASCII, no space at either end.
+REQUEST_ID_PATTERN = r"^[\x21-\x7e](?:[\x20-\x7e]{0,254}[\x21-\x7e])?$"
+
 
 class TideChatRequest(BaseModel):
     """The spec's request table. Strict: "5" is not a number and 5 is not a prompt."""
@@ -15,9 +18,13 @@ class TideChatRequest(BaseModel):
     prompt: str = Field(min_length=1, description="The user's prompt.")
     system_prompt: str | None = Field(None, description='Default "你是一个有用的AI助手。".')
     request_id: str | None = Field(
-        None, min_length=1, max_length=256, description="Echoed back; a UUID4 when omitted."
+        None,
+        max_length=256,
+        pattern=REQUEST_ID_PATTERN,
+        description="Echoed back (and sent as X-Request-Id); a UUID4 when omitted. Printable "
+        "ASCII, no leading or trailing space.",
     )
-    max_tokens: int | None = Field(None, ge=1, description="Default vllm.max_tokens.")
+    max_tokens: int | None = Field(None, ge=1, le=2**31 - 1, description="Default vllm.max_tokens.")
     temperature: float | None = Field(
         None, ge=0.0, le=2.0, allow_inf_nan=False, description="Default vllm.temperature."
     )

@@ -40,8 +40,11 @@ def watch_lifeline(fd: int, child: subprocess.Popen[bytes], grace: float) -> Non
             pass
     except OSError:
         pass
-    print("tide-vllm launcher: tide-vllm is gone; stopping vLLM", file=sys.stderr, flush=True)
-    end_group(child, grace)
+    # No message: stdout and stderr are a pipe to tide-vllm, which is gone (EPIPE).
+    try:
+        end_group(child, grace)
+    finally:
+        os.killpg(0, signal.SIGKILL)
 
 
 def main(argv: list[str]) -> int:

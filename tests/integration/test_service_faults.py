@@ -1,0 +1,172 @@
+"""The real service process under faults: killed with SIGKILL, stopped while requests are in
+flight, loaded with thousands of requests."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+
+import aiohttp
+import httpx
+import pytest
+
+from tests.fakes.upstream import MODEL, Recorder, ServerThread, build_upstream
+from tests.helpers import FAKE_VLLM, PYTHON, ROOT, alive, descendants, free_port
+from tests.service import ServiceProcess
+
+
+def test_sigkill_of_tide_vllm_leaves_no_vllm_process_after_5_seconds(tmp_path):
+    config = {
+        "web": {"bind_address": {"host": "127.0.0.1", "port": free_port()}},
+        "vllm": {
+            "auto_start": True,
+            "host": "127.0.0.1",
+            "port": free_port(),
+            "model_name": "fake-model",
+            "command": [PYTHON, str(FAKE_VLLM)],
+            "env": {"FAKE_VLLM_MODE": "grandchild"},
+        },
+    }
+    service = ServiceProcess(config, tmp_path)
+    try:
+        service.wait_healthy(timeout=30)
+        tree = descendants(service.proc.pid)
+        assert len(tree) >= 3, tree  # launcher, fake vLLM, its grandchild
+        service.proc.send_signal(signal.SIGKILL)
+        service.proc.wait()
+        killed = time.monotonic()
+        while any(alive(p) for p in tree):
+            left = [p for p in tree if alive(p)]
+            assert time.monotonic() - killed < 5, f"vLLM processes outlived tide-vllm: {left}"
+            time.sleep(0.05)
+    finally:
+        service.kill_all()
+
+
+@pytest.fixture
+def upstream() -> Iterator[ServerThread]:
+    with ServerThread(build_upstream(Recorder()), free_port()) as server:
+        yield server
+
+
+def manual_service(tmp_path, upstream_url: str, **web) -> ServiceProcess:
+    port = int(upstream_url.rsplit(":", 1)[1])
+    config = {
+        "web": {"bind_address": {"host": "127.0.0.1", "port": free_port()}, **web},
+        "vllm": {"auto_start": False, "host": "127.0.0.1", "port": port, "model_name": MODEL},
+    }
+    service = ServiceProcess(config, tmp_path)
+    service.wait_healthy(timeout=30)
+    return service
+
+
+SLOW_STREAM = {"model": MODEL, "messages": [{"role": "user", "content": "slow"}], "stream": True}
+
+
+def read_stream_in_background(url: str) -> tuple[threading.Thread, list[bytes], threading.Event]:
+    events: list[bytes] = []
+    first = threading.Event()
+
+    def read() -> None:
+        try:
+            with httpx.stream(
+                "POST", url + "/v1/chat/completions", json=SLOW_STREAM, timeout=30
+            ) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        events.append(line.encode())
+                        first.set()
+        except httpx.HTTPError:
+            events.append(b"<cut>")
+        first.set()
+
+    thread = threading.Thread(target=read)
+    thread.start()
+    return thread, events, first
+
+
+def test_sigterm_drains_streams_in_flight_and_refuses_new_requests(tmp_path, upstream):
+    service = manual_service(tmp_path, upstream.url, shutdown_grace=20)
+    try:
+        thread, events, first = read_stream_in_background(service.url)
+        assert first.wait(10)
+        service.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        refused = httpx.post(service.url + "/chat/completions", json={"prompt": "hi"})
+        assert refused.status_code == 503
+        assert refused.json()["error"] == "tide-vllm is shutting down"
+        assert httpx.get(service.url + "/health").status_code == 503
+        thread.join(30)
+        assert events[-1] == b"data: [DONE]", events[-3:]
+        assert len(events) > 100  # every chunk arrived
+        assert service.proc.wait(30) == 0
+    finally:
+        service.kill_all()
+
+
+def test_a_second_sigint_stops_at_once(tmp_path, upstream):
+    service = manual_service(tmp_path, upstream.url, shutdown_grace=20)
+    try:
+        thread, events, first = read_stream_in_background(service.url)
+        assert first.wait(10)
+        service.proc.send_signal(signal.SIGINT)
+        time.sleep(0.3)
+        service.proc.send_signal(signal.SIGINT)
+        started = time.monotonic()
+        assert service.proc.wait(10) == 0
+        assert time.monotonic() - started < 3
+        thread.join(10)
+        assert events[-1] != b"data: [DONE]"  # the 5 s stream was cut short
+    finally:
+        service.kill_all()
+
+
+def resident_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+async def one_round(url: str, total: int = 2000, concurrency: int = 200) -> list[int]:
+    """aiohttp rather than httpx: the load generator must not be the bottleneck."""
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        semaphore = asyncio.Semaphore(concurrency)
+
+        async def call(i: int) -> int:
+            async with semaphore:
+                path = "/v1/chat/completions" if i % 2 else "/chat/completions"
+                payload = body if i % 2 else {"prompt": "hi"}
+                async with session.post(url + path, json=payload) as response:
+                    await response.read()
+                    return response.status
+
+        return await asyncio.gather(*(call(i) for i in range(total)))
+
+
+def test_2000_requests_at_200_concurrent_without_errors_or_growth(tmp_path):
+    port = free_port()
+    upstream = subprocess.Popen([PYTHON, "-m", "tests.fakes.upstream", str(port)], cwd=ROOT)
+    try:
+        service = manual_service(tmp_path, f"http://127.0.0.1:{port}")
+        pid = service.proc.pid
+        statuses = asyncio.run(one_round(service.url))
+        assert statuses == [200] * 2000
+        fds, rss = len(os.listdir(f"/proc/{pid}/fd")), resident_kb(pid)
+        statuses = asyncio.run(one_round(service.url))
+        assert statuses == [200] * 2000
+        fds2, rss2 = len(os.listdir(f"/proc/{pid}/fd")), resident_kb(pid)
+        assert fds2 <= fds + 5, f"open file descriptors grew from {fds} to {fds2}"
+        assert rss2 <= rss * 1.05 + 2048, f"resident memory grew from {rss} kB to {rss2} kB"
+    finally:
+        service.kill_all()
+        upstream.kill()
+        upstream.wait()
