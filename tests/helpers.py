@@ -48,3 +48,11 @@ def descendants(pid: int) -> list[int]:
                 found.append(child)
             todo.append(child)
     return found
+
+
+def command_line(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
