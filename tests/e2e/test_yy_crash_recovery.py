@@ -25,8 +25,7 @@ def test_kill_9_of_the_vllm_api_server_is_survived(real_service):
     api_servers = [
         p
         for p in before
-        if "vllm.entrypoints.openai.api_server" in cmdline(p)
-        and "vllm_launcher" not in cmdline(p)
+        if "vllm.entrypoints.openai.api_server" in cmdline(p) and "vllm_launcher" not in cmdline(p)
     ]
     assert len(api_servers) == 1, [cmdline(p) for p in before]
 

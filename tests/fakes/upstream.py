@@ -215,8 +215,18 @@ def build_upstream(recorder: Recorder) -> Starlette:
             }
         )
 
+    async def metrics(request: Request) -> Response:
+        return Response(
+            "# HELP vllm:num_requests_running fake\nvllm:num_requests_running 0.0\n",
+            media_type="text/plain; version=0.0.4",
+        )
+
     return Starlette(
-        routes=[Route("/v1/chat/completions", chat, methods=["POST"]), Route("/v1/models", models)]
+        routes=[
+            Route("/v1/chat/completions", chat, methods=["POST"]),
+            Route("/v1/models", models),
+            Route("/metrics", metrics),
+        ]
     )
 
 

@@ -40,6 +40,9 @@ class FakeRepository(ChatRepository):
     async def models(self) -> bytes:
         return b'{"data": []}'
 
+    async def engine_metrics(self) -> bytes:
+        return b""
+
     async def complete(self, chat: ChatEntity) -> ChatResult:
         self.seen.append(chat)
         return ChatResult(

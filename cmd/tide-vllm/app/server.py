@@ -38,6 +38,7 @@ class Context:
     config_path: Path
     config: Config = field(default_factory=Config)
     monitor: EngineMonitor | None = None
+    upstream_api_key: str | None = None  # the key tide-vllm gave the vLLM it started
     exit_code: int = EXIT_OK
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     force: bool = False  # a second SIGINT: stop now, without waiting for requests

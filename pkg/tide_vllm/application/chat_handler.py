@@ -48,3 +48,6 @@ class ChatHandler:
     async def models(self) -> bytes:
         self.ensure_engine()
         return await self.repository.models()
+
+    async def engine_metrics(self) -> bytes:
+        return await self.repository.engine_metrics()

@@ -9,36 +9,43 @@ OpenAI answer, carried unchanged.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any, TypeVar
 
 import orjson
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
 from tide_vllm.application.application import Application
 from tide_vllm.domain.chat.entity import ChatDelta, ChatError, ChatResult, InvalidChatRequest
 from tide_vllm.provider.provider import Provider
+from web.gateway import bind_request_id, valid_request_id
 
 from .errors import (
     OPENAI_SHAPE,
     TIDE_SHAPE,
     ClientDisconnected,
     RequestRejected,
+    count_upstream_error,
     openai_error_body,
 )
-from .schemas import REQUEST_ID_PATTERN, HealthResponse, TideChatRequest, TideChatResponse
+from .schemas import HealthResponse, TideChatRequest, TideChatResponse
 
 router = APIRouter()
 
 T = TypeVar("T")
 
-REQUEST_ID_HEADER = "x-request-id"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 DONE = b"data: [DONE]\n\n"
-_REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
+# An OpenAI chunk whose delta carries text, and one that carries the usage.
+_TEXT_DELTA = re.compile(rb'"delta":\s*\{[^}]*"content":\s*"[^"]')
+_USAGE = re.compile(rb'"usage":\s*\{')
+log = logging.getLogger("tide_vllm.chat")
 
 
 def get_provider(request: Request) -> Provider:
@@ -69,6 +76,19 @@ async def ready(app: App) -> JSONResponse:
     status = await app.health()
     body = {"ready": status.healthy, "status": "ready" if status.healthy else status.detail}
     return JSONResponse(body, status_code=200 if status.healthy else 503)
+
+
+@router.get("/metrics", summary="tide-vllm's Prometheus metrics")
+async def metrics(request: Request, app: App) -> Response:
+    await app.health()  # fresh: in manual mode this asks vLLM, for tide_vllm_vllm_up
+    return Response(
+        generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST
+    )
+
+
+@router.get("/metrics/vllm", summary="vLLM's own Prometheus metrics, relayed")
+async def vllm_metrics(app: App) -> Response:
+    return Response(await app.chat.engine_metrics(), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/v1/models", summary="The served model(s), as vLLM lists them")
@@ -106,7 +126,6 @@ _CHAT_BODY = {
 
 async def chat_completions(request: Request, app: App) -> Response:
     request.state.shape = TIDE_SHAPE if request.url.path == "/chat/completions" else OPENAI_SHAPE
-    request.state.request_id = _valid_request_id(request.headers.get(REQUEST_ID_HEADER))
     body = await read_json_object(request)
     has_prompt, has_messages = "prompt" in body, "messages" in body
     if has_prompt and has_messages:
@@ -133,44 +152,79 @@ for _path, _summary in (
 
 
 async def _openai_chat(request: Request, app: App, body: dict[str, Any]) -> Response:
-    request.state.shape = OPENAI_SHAPE
-    chat = app.factory.from_openai(body, request.state.request_id)
-    request.state.request_id = chat.request_id
-    headers = {REQUEST_ID_HEADER: chat.request_id}
+    state = request.state
+    state.shape = OPENAI_SHAPE
+    chat = app.factory.from_openai(body, state.request_id)
+    state.model = chat.model
+    if request.app.state.log_prompts:
+        log.info("messages: %s", orjson.dumps(body.get("messages")).decode())
     if chat.stream:
-        return await _sse(request, app.chat.relay_stream(chat), _openai_error_event, headers)
+        return await _sse(
+            request, _counted_openai(state, app.chat.relay_stream(chat)), _openai_error_event
+        )
     raw = await until_disconnect(request, app.chat.relay(chat))
-    return Response(raw, media_type="application/json", headers=headers)
+    state.usage = _usage_of(raw)
+    if request.app.state.log_prompts:
+        log.info("completion: %s", raw.decode(errors="replace"))
+    return Response(raw, media_type="application/json")
 
 
 async def _tide_chat(request: Request, app: App, body: dict[str, Any]) -> Response:
-    request.state.shape = TIDE_SHAPE
-    request.state.request_id = (
-        _given_request_id(body) or request.state.request_id or app.factory.new_request_id()
-    )
+    state = request.state
+    state.shape = TIDE_SHAPE
+    given = valid_request_id(body.get("request_id"))
+    if given:
+        bind_request_id(state, given)  # the body's id wins, in the header and the log too
     tide = parse(TideChatRequest, body)
     chat = app.factory.from_prompt(
         tide.prompt,
         system_prompt=tide.system_prompt,
-        request_id=request.state.request_id,
+        request_id=state.request_id,
         max_tokens=tide.max_tokens,
         temperature=tide.temperature,
         top_p=tide.top_p,
     )
-    headers = {REQUEST_ID_HEADER: chat.request_id}
+    state.model = chat.model
+    if request.app.state.log_prompts:
+        log.info("prompt: %s", tide.prompt)
     if tide.stream:
-        model = app.factory.defaults.model
-        events = _tide_events(chat.request_id, model, app.chat.stream(chat))
-        return await _sse(request, events, _tide_error_event(chat.request_id, model), headers)
+        events = _tide_events(state, chat.model, app.chat.stream(chat))
+        return await _sse(request, events, _tide_error_event(chat.request_id, chat.model))
     result: ChatResult = await until_disconnect(request, app.chat.handle(chat))
-    return JSONResponse(TideChatResponse.from_result(result).model_dump(), headers=headers)
+    state.usage = (result.usage.prompt_tokens, result.usage.completion_tokens)
+    if request.app.state.log_prompts:
+        log.info("completion: %s", result.content)
+    return JSONResponse(TideChatResponse.from_result(result).model_dump())
+
+
+def _usage_of(raw: bytes) -> tuple[int, int] | None:
+    """Token counts of a relayed answer, for the metrics and the access log."""
+    try:
+        usage = orjson.loads(raw).get("usage") or {}
+        return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+    except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
+        return None
+
+
+async def _counted_openai(state: Any, events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """vLLM's events unchanged, noting when the first text arrives and the usage, if sent."""
+    try:
+        async for event in events:
+            if not getattr(state, "first_token_at", None) and _TEXT_DELTA.search(event):
+                state.first_token_at = time.perf_counter()
+            if _USAGE.search(event):
+                state.usage = _usage_of(event[event.index(b"{") :].strip())
+            yield event
+    finally:
+        await events.aclose()  # type: ignore[attr-defined]
 
 
 async def _tide_events(
-    request_id: str, model: str, deltas: AsyncIterator[ChatDelta]
+    state: Any, model: str, deltas: AsyncIterator[ChatDelta]
 ) -> AsyncIterator[bytes]:
     """The Tide stream: one event per text delta, in the response's own shape; the last event
     has empty content, the finish reason and the usage."""
+    request_id = state.request_id
     try:
         async for delta in deltas:
             event = {
@@ -181,11 +235,15 @@ async def _tide_events(
                 "finish_reason": delta.finish_reason,
                 "error": None,
             }
+            if delta.content and not getattr(state, "first_token_at", None):
+                state.first_token_at = time.perf_counter()
             if delta.usage is not None:
+                u = delta.usage
+                state.usage = (u.prompt_tokens, u.completion_tokens)
                 event["usage"] = {
-                    "prompt_tokens": delta.usage.prompt_tokens,
-                    "completion_tokens": delta.usage.completion_tokens,
-                    "total_tokens": delta.usage.total_tokens,
+                    "prompt_tokens": u.prompt_tokens,
+                    "completion_tokens": u.completion_tokens,
+                    "total_tokens": u.total_tokens,
                 }
             yield b"data: " + orjson.dumps(event) + b"\n\n"
         yield DONE
@@ -209,7 +267,6 @@ async def _sse(
     request: Request,
     events: AsyncIterator[bytes],
     error_event: Callable[[ChatError], bytes],
-    headers: dict[str, str],
 ) -> Response:
     """An event stream. Errors before the first event are ordinary error responses (status
     and body); after it, an error event then `[DONE]`, never a silently cut stream. A client
@@ -227,14 +284,13 @@ async def _sse(
             async for event in events:
                 yield event
         except ChatError as exc:
+            count_upstream_error(request, exc)
             yield error_event(exc)
             yield DONE
         finally:
             await events.aclose()  # type: ignore[attr-defined]
 
-    return StreamingResponse(
-        body(), media_type="text/event-stream", headers={**SSE_HEADERS, **headers}
-    )
+    return StreamingResponse(body(), media_type="text/event-stream", headers=SSE_HEADERS)
 
 
 async def _first(events: AsyncIterator[bytes]) -> bytes:
@@ -301,14 +357,6 @@ def _not_utf8(raw: bytes) -> bool:
     except UnicodeDecodeError:
         return True
     return False
-
-
-def _given_request_id(body: dict[str, Any]) -> str | None:
-    return _valid_request_id(body.get("request_id"))
-
-
-def _valid_request_id(value: Any) -> str | None:
-    return value if isinstance(value, str) and _REQUEST_ID.match(value) else None
 
 
 def parse(model: type[TideChatRequest], body: dict[str, Any]) -> TideChatRequest:

@@ -104,8 +104,24 @@ def error_response(
     return JSONResponse(body, status_code=status)
 
 
+_UPSTREAM_KINDS = (
+    (EngineUnavailable, "unavailable"),
+    (EngineTimeout, "timeout"),
+    (EngineRejected, "rejected"),
+    (EngineFailed, "failed"),
+)
+
+
+def count_upstream_error(request: Request, exc: ChatError) -> None:
+    for cls, kind in _UPSTREAM_KINDS:
+        if isinstance(exc, cls):
+            request.app.state.metrics.upstream_errors.labels(kind).inc()
+            return
+
+
 async def _chat_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ChatError)
+    count_upstream_error(request, exc)
     status = status_of(exc)
     if status >= 500:
         log.warning("%s %s -> %d: %s", request.method, request.url.path, status, exc.message)

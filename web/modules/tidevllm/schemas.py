@@ -5,9 +5,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 from tide_vllm.domain.chat.entity import ChatResult
-
-# A request id travels in HTTP headers too: printable ASCII, no space at either end.
-REQUEST_ID_PATTERN = r"^[\x21-\x7e](?:[\x20-\x7e]{0,254}[\x21-\x7e])?$"
+from web.gateway import REQUEST_ID_PATTERN
 
 
 class TideChatRequest(BaseModel):

@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 ENV_PREFIX = "TIDE_VLLM__"
+API_KEYS_ENV = "TIDE_VLLM_API_KEYS"
 DEFAULT_SYSTEM_PROMPT = "你是一个有用的AI助手。"
 
 
@@ -44,6 +45,12 @@ class WebConfig(_Section):
         30, ge=0, description="On SIGTERM/SIGINT, how long in-flight requests may finish."
     )
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Larger bodies get 413.")
+    max_concurrent_requests: int = Field(
+        1024, ge=1, description="Chat requests in flight; above it, 429 at once."
+    )
+    cors_origins: list[str] = Field(
+        default_factory=list, description='Origins allowed by CORS; [] = off, ["*"] = any.'
+    )
 
 
 class VLLMConfig(_Section):
@@ -123,11 +130,26 @@ class VLLMConfig(_Section):
 
 class LogConfig(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["text", "json"] = "text"
+    log_prompts: bool = Field(False, description="Log prompts and completions (off: privacy).")
 
     @field_validator("level", mode="before")
     @classmethod
     def _upper(cls, value: Any) -> Any:
         return value.upper() if isinstance(value, str) else value
+
+
+class AuthConfig(_Section):
+    """API keys clients must send as `Authorization: Bearer <key>`; none = open."""
+
+    api_keys: list[str] = Field(default_factory=list)
+
+    @field_validator("api_keys")
+    @classmethod
+    def _not_blank(cls, keys: list[str]) -> list[str]:
+        if any(not key.strip() for key in keys):
+            raise ValueError("an API key must not be empty")
+        return keys
 
 
 class ChatConfig(_Section):
@@ -139,12 +161,20 @@ class Config(_Section):
     vllm: VLLMConfig = VLLMConfig()
     log: LogConfig = LogConfig()
     chat: ChatConfig = ChatConfig()
+    auth: AuthConfig = AuthConfig()
 
 
 def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
     """Read, override from the environment and validate; raises ConfigError."""
+    environ = os.environ if environ is None else environ
     raw = _read_yaml(Path(path))
-    _apply_env(raw, os.environ if environ is None else environ)
+    _apply_env(raw, environ)
+    if environ.get(API_KEYS_ENV):  # TIDE_VLLM_API_KEYS=key1,key2 adds to auth.api_keys
+        auth = raw.setdefault("auth", {})
+        if isinstance(auth, dict):
+            listed = auth.get("api_keys") or []
+            extra = [k.strip() for k in environ[API_KEYS_ENV].split(",") if k.strip()]
+            auth["api_keys"] = [*listed, *extra] if isinstance(listed, list) else listed
     try:
         return Config.model_validate(raw)
     except ValidationError as exc:

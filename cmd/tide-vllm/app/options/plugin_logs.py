@@ -1,17 +1,59 @@
-"""Logging: one format for tide-vllm, uvicorn and vLLM's relayed output."""
+"""Logging: one format for tide-vllm, uvicorn and vLLM's relayed output; human-readable by
+default, one JSON object per line with `log.format: json`. Every line about a request carries
+its request id."""
 
 from __future__ import annotations
 
 import logging
 import sys
+from datetime import datetime, timezone
 from typing import Any
 
-FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+import orjson
+
+from web.gateway import REQUEST_ID
+
+TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s [%(request_id)s] %(message)s"
+# Fields a record may carry through `extra=` (the access line) that JSON lines keep as keys.
+_EXTRA_FIELDS = (
+    "method",
+    "path",
+    "status",
+    "duration_ms",
+    "shape",
+    "model",
+    "prompt_tokens",
+    "completion_tokens",
+)
 
 
-def configure_logging(level: str) -> None:
+class RequestIdFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = REQUEST_ID.get()
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            "request_id": getattr(record, "request_id", "-"),
+        }
+        for name in _EXTRA_FIELDS:
+            if hasattr(record, name):
+                line[name] = getattr(record, name)
+        if record.exc_info:  # to the log only, never to a client
+            line["exception"] = self.formatException(record.exc_info)
+        return orjson.dumps(line).decode()
+
+
+def configure_logging(level: str, fmt: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(FORMAT))
+    handler.addFilter(RequestIdFilter())
+    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
@@ -26,7 +68,7 @@ class LogsPlugin:
     name = "logs"
 
     async def start(self, ctx: Any) -> None:
-        configure_logging(ctx.config.log.level)
+        configure_logging(ctx.config.log.level, ctx.config.log.format)
 
     async def stop(self, ctx: Any) -> None:
         return None

@@ -15,6 +15,7 @@ import importlib.util
 import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import sys
@@ -147,10 +148,21 @@ class VLLMServerManager:
         *,
         on_fatal: Callable[[str], None] | None = None,
         env: dict[str, str] | None = None,
+        api_key: str | None = None,
     ) -> None:
         self.config = config
         self.on_fatal = on_fatal
-        self._env = {**os.environ, "PYTHONUNBUFFERED": "1", **config.env, **(env or {})}
+        # The key goes to vLLM in its environment (VLLM_API_KEY), not on its command line,
+        # where any local user could read it with `ps`.
+        self.api_key = api_key or config.api_key
+        key_env = {"VLLM_API_KEY": self.api_key} if self.api_key else {}
+        self._env = {
+            **os.environ,
+            "PYTHONUNBUFFERED": "1",
+            **config.env,
+            **key_env,
+            **(env or {}),
+        }
         self._state = EngineState.STOPPED
         self._detail = "vLLM is not started"
         self._process: asyncio.subprocess.Process | None = None
@@ -158,8 +170,9 @@ class VLLMServerManager:
         self._tail: deque[str] = deque(maxlen=20)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._ready = asyncio.Event()
-        self._client = VLLMClient(config.base_url, timeout=PROBE_TIMEOUT, api_key=config.api_key)
-        self.restarts = 0
+        self._client = VLLMClient(config.base_url, timeout=PROBE_TIMEOUT, api_key=self.api_key)
+        self.restarts = 0  # in a row, for max_restarts
+        self.total_restarts = 0  # since tide-vllm started, for the metrics
 
     # -- EngineMonitor -------------------------------------------------------------------
     def current(self) -> EngineStatus:
@@ -311,6 +324,7 @@ class VLLMServerManager:
                 self.config.restart_backoff * 2**self.restarts, self.config.restart_backoff_max
             )
             self.restarts += 1
+            self.total_restarts += 1
             self._set(
                 EngineState.RESTARTING,
                 f"restarting vLLM in {delay:g}s (restart {self.restarts} of "
@@ -461,7 +475,10 @@ class VLLMPlugin:
         if not config.auto_start:
             log.info("manual mode: using the vLLM server at %s", config.base_url)
             return
-        self.manager = VLLMServerManager(config, on_fatal=ctx.fail)
+        # A fresh random key for the vLLM we start: with it, vLLM's port, even reachable on
+        # the network, cannot be used to go around tide-vllm's own API keys.
+        ctx.upstream_api_key = config.api_key or secrets.token_urlsafe(32)
+        self.manager = VLLMServerManager(config, on_fatal=ctx.fail, api_key=ctx.upstream_api_key)
         await self.manager.start()
         ctx.monitor = self.manager
 

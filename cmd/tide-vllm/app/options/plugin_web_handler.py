@@ -5,17 +5,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 import httpx
 import uvicorn
 from fastapi import FastAPI
+from starlette.middleware.cors import CORSMiddleware
 
 from tide_vllm.domain.chat.factory import ChatDefaults
 from tide_vllm.domain.chat.repository import EngineMonitor
 from tide_vllm.provider.provider import ProviderSettings, open_provider
-from web.lifecycle import Lifecycle, LifecycleMiddleware
+from web.gateway import ApiKeys, GatewayMiddleware, Lifecycle
+from web.metrics import Metrics
 from web.modules.tidevllm.controller import router
 from web.modules.tidevllm.errors import install_error_handlers
 
@@ -24,12 +26,12 @@ from .options import Config
 log = logging.getLogger("tide_vllm.web")
 
 
-def provider_settings(config: Config) -> ProviderSettings:
+def provider_settings(config: Config, upstream_api_key: str | None = None) -> ProviderSettings:
     v = config.vllm
     return ProviderSettings(
         base_url=v.base_url,
         timeout=v.timeout,
-        api_key=v.api_key,
+        api_key=upstream_api_key or v.api_key,
         defaults=ChatDefaults(
             model=v.model_name,
             system_prompt=config.chat.system_prompt,
@@ -44,14 +46,25 @@ def build_app(
     settings: ProviderSettings,
     monitor: EngineMonitor | None = None,
     transport: httpx.AsyncBaseTransport | None = None,
+    *,
     max_body_bytes: int = 8 * 1024 * 1024,
+    max_concurrent_requests: int = 1024,
+    api_keys: Sequence[str] = (),
+    cors_origins: Sequence[str] = (),
+    log_prompts: bool = False,
 ) -> FastAPI:
     """The ASGI app; its lifespan opens the provider (and its shared HTTP client)."""
+    metrics = Metrics()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with open_provider(settings, monitor, transport) as provider:
             app.state.provider = provider
+            engine = provider.application.monitor
+            metrics.watch_engine(
+                up=lambda: engine.current().healthy,
+                restarts=lambda: getattr(engine, "total_restarts", 0),
+            )
             yield
 
     app = FastAPI(
@@ -61,10 +74,26 @@ def build_app(
         lifespan=lifespan,
     )
     app.state.max_body_bytes = max_body_bytes
+    app.state.log_prompts = log_prompts
+    app.state.metrics = metrics
     app.state.lifecycle = Lifecycle()
     app.include_router(router)
     install_error_handlers(app)
-    app.add_middleware(LifecycleMiddleware, lifecycle=app.state.lifecycle)
+    app.add_middleware(
+        GatewayMiddleware,
+        lifecycle=app.state.lifecycle,
+        metrics=metrics,
+        api_keys=ApiKeys(api_keys),
+        max_concurrent_requests=max_concurrent_requests,
+    )
+    if cors_origins:  # outermost, so preflight requests are answered before the key check
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(cors_origins),
+            allow_methods=["*"],
+            allow_headers=["*"],
+            expose_headers=["x-request-id"],
+        )
     return app
 
 
@@ -88,8 +117,21 @@ class WebHandlerPlugin:
 
     async def start(self, ctx: Any) -> None:
         config: Config = ctx.config
+        web = config.web
+        if not config.auth.api_keys:
+            log.warning(
+                "no API key configured (auth.api_keys, TIDE_VLLM_API_KEYS): tide-vllm is open "
+                "to anyone who can reach port %d",
+                web.bind_address.port,
+            )
         app = build_app(
-            provider_settings(config), ctx.monitor, max_body_bytes=config.web.max_body_bytes
+            provider_settings(config, ctx.upstream_api_key),
+            ctx.monitor,
+            max_body_bytes=web.max_body_bytes,
+            max_concurrent_requests=web.max_concurrent_requests,
+            api_keys=config.auth.api_keys,
+            cors_origins=web.cors_origins,
+            log_prompts=config.log.log_prompts,
         )
         self.lifecycle = app.state.lifecycle
         self.grace = config.web.shutdown_grace
@@ -101,6 +143,7 @@ class WebHandlerPlugin:
                 port=bind.port,
                 log_config=None,
                 lifespan="on",
+                access_log=False,  # the gateway writes its own access line
                 timeout_graceful_shutdown=2,  # requests were drained before (stop)
             )
         )

@@ -34,6 +34,10 @@ class ChatRepository(ABC):
     async def models(self) -> bytes:
         """vLLM's `GET /v1/models` list, unchanged."""
 
+    @abstractmethod
+    async def engine_metrics(self) -> bytes:
+        """vLLM's own Prometheus metrics, unchanged."""
+
 
 class EngineMonitor(Protocol):
     """Tells whether the engine behind the repository can serve."""

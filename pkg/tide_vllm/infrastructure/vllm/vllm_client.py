@@ -69,6 +69,9 @@ class VLLMClient:
             "/v1/models", timeout=self.timeout if timeout is None else timeout
         )
 
+    async def get_metrics(self) -> httpx.Response:
+        return await self._http.get("/metrics")
+
     async def list_models(self, timeout: float | None = None) -> list[str]:
         """Ids of the models vLLM serves; raises httpx errors and ValueError on a bad body."""
         response = await self.get_models(timeout)

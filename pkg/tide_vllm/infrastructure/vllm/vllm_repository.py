@@ -91,6 +91,13 @@ class VLLMChatRepository(ChatRepository):
             raise _upstream_error(response.status_code, response.content)
         return response.content
 
+    async def engine_metrics(self) -> bytes:
+        with _translated(self.client):
+            response = await self.client.get_metrics()
+        if response.status_code >= 400:
+            raise _upstream_error(response.status_code, response.content)
+        return response.content
+
     # -- transport ------------------------------------------------------------------------
     async def _post(self, payload: Mapping[str, Any], request_id: str) -> httpx.Response:
         with _translated(self.client):

@@ -1,0 +1,247 @@
+"""The gateway's edge, as one pure ASGI middleware (no per-request task, no body buffering,
+unlike BaseHTTPMiddleware): draining on shutdown, API keys, request ids, the concurrency limit,
+requests in flight, metrics and the access log. One pass per request keeps its cost low.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hmac
+import logging
+import re
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .metrics import Metrics
+
+access_log = logging.getLogger("tide_vllm.access")
+
+REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+# A request id travels in HTTP headers: printable ASCII, no space at either end.
+REQUEST_ID_PATTERN = r"^[\x21-\x7e](?:[\x20-\x7e]{0,254}[\x21-\x7e])?$"
+_REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
+
+OPEN_PATHS = frozenset({"/health", "/ready"})
+CHAT_PATHS = frozenset({"/chat/completions", "/v1/chat/completions"})
+KNOWN_ROUTES = frozenset(
+    {*OPEN_PATHS, *CHAT_PATHS, "/v1/models", "/metrics", "/metrics/vllm", "/docs",
+     "/openapi.json"}
+)  # fmt: skip
+SHUTTING_DOWN = "tide-vllm is shutting down"
+
+
+def valid_request_id(value: Any) -> str | None:
+    return value if isinstance(value, str) and _REQUEST_ID.match(value) else None
+
+
+def bind_request_id(state: Any, request_id: str) -> None:
+    """The request's id from now on: in its state, its response header and its log lines."""
+    state.request_id = request_id
+    REQUEST_ID.set(request_id)
+
+
+class Lifecycle:
+    """Shared by the middleware (which counts) and the bootstrap (which drains)."""
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self.chats_in_flight = 0
+        self.draining = False
+
+
+class ApiKeys:
+    """Bearer keys, compared in constant time; never logged."""
+
+    def __init__(self, keys: Sequence[str]) -> None:
+        self._keys = [key.encode() for key in keys]
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._keys)
+
+    def accepts(self, authorization: bytes | None) -> bool:
+        if not authorization or not authorization[:7].lower() == b"bearer ":
+            return False
+        given = authorization[7:].strip()
+        ok = False
+        for key in self._keys:  # every key is compared: the time does not tell which matched
+            ok |= hmac.compare_digest(given, key)
+        return ok
+
+
+class GatewayMiddleware:
+    def __init__(
+        self,
+        app: ASGIApp,
+        lifecycle: Lifecycle,
+        metrics: Metrics,
+        api_keys: ApiKeys,
+        max_concurrent_requests: int,
+    ) -> None:
+        self.app = app
+        self.lifecycle = lifecycle
+        self.metrics = metrics
+        self.api_keys = api_keys
+        self.max_chats = max_concurrent_requests
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        path: str = scope["path"]
+        headers = dict(scope["headers"])
+        state: dict[str, Any] = scope.setdefault("state", {})
+        request_id = valid_request_id(_decode(headers.get(b"x-request-id"))) or str(uuid.uuid4())
+        state["request_id"] = request_id
+        state["started"] = started
+        token = REQUEST_ID.set(request_id)
+        is_chat = path in CHAT_PATHS and scope["method"] == "POST"
+        status = 500
+        try:
+            refusal = self._refusal(scope, path, headers, is_chat)
+            if refusal is not None:
+                status = refusal[0]
+                await _send_error(send, path, request_id, *refusal)
+                return
+
+            async def send_with_id(message: Message) -> None:
+                nonlocal status
+                if message["type"] == "http.response.start":
+                    status = message["status"]
+                    message["headers"] = [
+                        *message.get("headers", ()),
+                        (b"x-request-id", state["request_id"].encode()),
+                    ]
+                await send(message)
+
+            self.lifecycle.in_flight += 1
+            self.metrics.in_flight.inc()
+            if is_chat:
+                self.lifecycle.chats_in_flight += 1
+            try:
+                await self.app(scope, receive, send_with_id)
+            finally:
+                self.lifecycle.in_flight -= 1
+                self.metrics.in_flight.dec()
+                if is_chat:
+                    self.lifecycle.chats_in_flight -= 1
+        finally:
+            self._account(scope, state, status, time.perf_counter() - started)
+            REQUEST_ID.reset(token)
+
+    def _refusal(
+        self, scope: Scope, path: str, headers: dict[bytes, bytes], is_chat: bool
+    ) -> tuple[int, str, str | None, list[tuple[bytes, bytes]]] | None:
+        """(status, message, param, extra headers) when the request is refused at the door."""
+        if self.lifecycle.draining:
+            return 503, SHUTTING_DOWN, None, [(b"connection", b"close"), (b"retry-after", b"5")]
+        if (
+            self.api_keys.enabled
+            and path not in OPEN_PATHS
+            and scope["method"] != "OPTIONS"
+            and not self.api_keys.accepts(headers.get(b"authorization"))
+        ):
+            return (
+                401,
+                "a valid API key is required: Authorization: Bearer <key>",
+                None,
+                [(b"www-authenticate", b"Bearer")],
+            )
+        if is_chat and self.lifecycle.chats_in_flight >= self.max_chats:
+            message = (
+                f"too many requests in flight (web.max_concurrent_requests={self.max_chats}); "
+                "retry shortly"
+            )
+            return 429, message, None, [(b"retry-after", b"1")]
+        return None
+
+    def _account(self, scope: Scope, state: dict[str, Any], status: int, took: float) -> None:
+        path = scope["path"]
+        route = path if path in KNOWN_ROUTES else "other"
+        shape = state.get("shape", "-")
+        m = self.metrics
+        m.requests.labels(route, shape, str(status)).inc()
+        m.latency.labels(route, shape).observe(took)
+        usage = state.get("usage")
+        if usage:
+            m.prompt_tokens.labels(shape).inc(usage[0])
+            m.completion_tokens.labels(shape).inc(usage[1])
+        first_token = state.get("first_token_at")
+        if first_token:
+            m.ttft.labels(shape).observe(first_token - state["started"])
+        if route in OPEN_PATHS or route == "/metrics":
+            return  # probes and scrapes every few seconds would drown the access log
+        access_log.info(
+            "%s %s %d %.1fms shape=%s model=%s prompt_tokens=%s completion_tokens=%s",
+            scope["method"],
+            path,
+            status,
+            took * 1000,
+            shape,
+            state.get("model", "-"),
+            usage[0] if usage else "-",
+            usage[1] if usage else "-",
+            extra={
+                "method": scope["method"],
+                "path": path,
+                "status": status,
+                "duration_ms": round(took * 1000, 3),
+                "shape": shape,
+                "model": state.get("model"),
+                "prompt_tokens": usage[0] if usage else None,
+                "completion_tokens": usage[1] if usage else None,
+            },
+        )
+
+
+def _decode(value: bytes | None) -> str | None:
+    return value.decode("latin-1") if value is not None else None
+
+
+async def _send_error(
+    send: Send,
+    path: str,
+    request_id: str,
+    status: int,
+    message: str,
+    param: str | None,
+    extra: list[tuple[bytes, bytes]],
+) -> None:
+    """An error before the app runs, in the shape the path would use."""
+    body: dict[str, Any]
+    if path in OPEN_PATHS:
+        body = {"status": message, "vllm_healthy": False, "vllm_state": "stopping"}
+    elif path == "/chat/completions" and status != 401:  # 401: OpenAI's shape everywhere
+        body = {
+            "request_id": request_id,
+            "content": "",
+            "model": "",
+            "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
+            "finish_reason": None,
+            "error": message,
+        }
+    else:
+        kind = {401: "AuthenticationError", 429: "RateLimitError"}.get(
+            status, "ServiceUnavailableError"
+        )
+        body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
+    raw = orjson.dumps(body)
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(raw)).encode()),
+                (b"x-request-id", request_id.encode()),
+                *extra,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": raw})

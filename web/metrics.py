@@ -1,0 +1,74 @@
+"""Prometheus metrics of the gateway (prometheus_client), one registry per app.
+
+Names (documented in the README):
+  tide_vllm_requests_total{route,shape,status}          requests answered
+  tide_vllm_request_duration_seconds{route,shape}       latency, to the last byte
+  tide_vllm_time_to_first_token_seconds{shape}          streams: until the first text event
+  tide_vllm_prompt_tokens_total{shape}                  tokens, as vLLM counted them
+  tide_vllm_completion_tokens_total{shape}
+  tide_vllm_requests_in_flight                          requests being served now
+  tide_vllm_vllm_up                                     1 when vLLM serves the model, else 0
+  tide_vllm_vllm_restarts_total                         restarts of vLLM by the supervisor
+  tide_vllm_upstream_errors_total{kind}                 unavailable, timeout, rejected, failed
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class _EngineCollector(Collector):
+    """vLLM's state, read when scraped rather than pushed on every change."""
+
+    def __init__(self, up: Callable[[], bool], restarts: Callable[[], int]) -> None:
+        self.up, self.restarts = up, restarts
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "tide_vllm_vllm_up", "1 when vLLM serves the model, else 0", value=int(self.up())
+        )
+        yield CounterMetricFamily(
+            "tide_vllm_vllm_restarts", "Restarts of vLLM by the supervisor", value=self.restarts()
+        )
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "tide_vllm_requests", "Requests answered", ["route", "shape", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "tide_vllm_request_duration_seconds",
+            "Time to the last byte of the response",
+            ["route", "shape"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "tide_vllm_time_to_first_token_seconds",
+            "Streams: time until the first event carrying text",
+            ["shape"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "tide_vllm_prompt_tokens", "Prompt tokens, as vLLM counted them", ["shape"], registry=r
+        )
+        self.completion_tokens = Counter(
+            "tide_vllm_completion_tokens", "Completion tokens", ["shape"], registry=r
+        )
+        self.in_flight = Gauge("tide_vllm_requests_in_flight", "Requests being served", registry=r)
+        self.upstream_errors = Counter(
+            "tide_vllm_upstream_errors", "Failed calls to vLLM by kind", ["kind"], registry=r
+        )
+
+    def watch_engine(self, up: Callable[[], bool], restarts: Callable[[], int]) -> None:
+        self.registry.register(_EngineCollector(up, restarts))
