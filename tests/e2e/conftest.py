@@ -8,6 +8,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 
@@ -15,6 +16,7 @@ from tests.helpers import ROOT, free_port
 from tests.service import ServiceProcess
 
 STARTUP_WAIT = 600
+API_KEY = "e2e-user-key"
 
 
 @pytest.fixture(scope="session")
@@ -22,6 +24,7 @@ def real_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServicePr
     config = yaml.safe_load((ROOT / "conf" / "tide-vllm.cpu.yaml").read_text())
     config["web"]["bind_address"] = {"host": "127.0.0.1", "port": free_port()}
     config["vllm"]["port"] = free_port()
+    config["auth"] = {"api_keys": [API_KEY]}
     if os.environ.get("TIDE_VLLM_MODEL_DIR"):
         config["vllm"]["model_path"] = os.environ["TIDE_VLLM_MODEL_DIR"]
     model = Path(os.path.expanduser(config["vllm"]["model_path"]))
@@ -30,6 +33,9 @@ def real_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServicePr
     try:
         service.wait_listening()
         service.wait_healthy(timeout=STARTUP_WAIT)
+        service.http = httpx.Client(
+            base_url=service.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60
+        )
         yield service
     finally:
         service.kill_all()

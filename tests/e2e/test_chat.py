@@ -23,7 +23,7 @@ def test_health_is_healthy(real_service):
 
 @pytest.mark.parametrize("path", ["/chat/completions", "/v1/chat/completions"])
 def test_the_spec_request_is_answered_with_paris(real_service, path):
-    r = httpx.post(real_service.url + path, json=SPEC_BODY, timeout=60)
+    r = real_service.http.post(path, json=SPEC_BODY, timeout=60)
     assert r.status_code == 200, r.text
     body = r.json()
     assert set(body) == {"request_id", "content", "model", "usage", "finish_reason", "error"}
@@ -38,8 +38,8 @@ def test_the_spec_request_is_answered_with_paris(real_service, path):
 
 
 def test_max_tokens_is_honoured_and_the_request_id_echoed(real_service):
-    r = httpx.post(
-        real_service.url + "/chat/completions",
+    r = real_service.http.post(
+        "/chat/completions",
         json={
             "prompt": "Count from one to one hundred.",
             "max_tokens": 3,
@@ -55,8 +55,8 @@ def test_max_tokens_is_honoured_and_the_request_id_echoed(real_service):
 
 
 def test_vllms_own_rejection_is_relayed(real_service):
-    r = httpx.post(
-        real_service.url + "/chat/completions",
+    r = real_service.http.post(
+        "/chat/completions",
         json={"prompt": "hi", "max_tokens": 100000},
         timeout=60,
     )
@@ -65,6 +65,6 @@ def test_vllms_own_rejection_is_relayed(real_service):
 
 
 def test_bad_input_is_a_400_and_the_service_stays_up(real_service):
-    r = httpx.post(real_service.url + "/chat/completions", json={"prompt": ""})
+    r = real_service.http.post("/chat/completions", json={"prompt": ""})
     assert r.status_code == 400 and r.json()["error"].startswith("prompt:")
     assert httpx.get(real_service.url + "/health").status_code == 200

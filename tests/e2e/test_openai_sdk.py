@@ -9,6 +9,8 @@ import httpx
 import openai
 import pytest
 
+from .conftest import API_KEY
+
 pytestmark = pytest.mark.e2e
 
 MODEL = "SmolLM2-135M-Instruct"
@@ -17,7 +19,7 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 @pytest.fixture
 def client(real_service) -> openai.OpenAI:
-    return openai.OpenAI(base_url=real_service.url + "/v1", api_key="unused", max_retries=0)
+    return openai.OpenAI(base_url=real_service.url + "/v1", api_key=API_KEY, max_retries=0)
 
 
 def test_sdk_plain_call_answers_paris(client):
@@ -69,7 +71,7 @@ def test_an_abandoned_stream_stops_the_generation_in_vllm(real_service):
         "stream": True,
         "ignore_eos": True,
     }
-    with httpx.stream("POST", real_service.url + "/v1/chat/completions", json=body) as r:
+    with real_service.http.stream("POST", "/v1/chat/completions", json=body) as r:
         events = r.iter_lines()
         for _ in range(5):
             next(events)

@@ -33,7 +33,9 @@ def test_kill_9_of_the_vllm_api_server_is_survived(real_service):
     stop = threading.Event()
 
     def traffic() -> None:
-        with httpx.Client(base_url=real_service.url, timeout=30) as client:
+        with httpx.Client(
+            base_url=real_service.url, headers=real_service.http.headers, timeout=30
+        ) as client:
             while not stop.is_set():
                 started = time.monotonic()
                 code = client.post("/chat/completions", json=QUESTION).status_code
@@ -66,5 +68,5 @@ def test_kill_9_of_the_vllm_api_server_is_survived(real_service):
     left = [p for p in before if alive(p)]
     assert left == [], f"orphans of the dead vLLM: {left}"
 
-    r = httpx.post(real_service.url + "/chat/completions", json=QUESTION, timeout=60)
+    r = real_service.http.post("/chat/completions", json=QUESTION, timeout=60)
     assert r.status_code == 200 and "Paris" in r.json()["content"]
