@@ -1,3 +1,5 @@
+import json
+
 import httpx
 import pytest
 import respx
@@ -33,7 +35,8 @@ COMPLETION = {
 
 @pytest.fixture
 async def client():
-    c = VLLMClient(BASE, timeout=0.5)
+    # httpx's own transport, which respx intercepts (the default is httpx-aiohttp's).
+    c = VLLMClient(BASE, timeout=0.5, transport=httpx.AsyncHTTPTransport())
     yield c
     await c.aclose()
 
@@ -124,3 +127,21 @@ async def test_the_probe_is_healthy_only_when_the_model_is_listed(client):
     route.mock(side_effect=httpx.ConnectError("refused"))
     status = await probe.check()
     assert not status.healthy and "unreachable" in status.detail
+
+
+@respx.mock
+async def test_a_chunk_holding_several_events_loses_none_of_them(client):
+    events = [
+        {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]},
+        {"choices": [{"index": 0, "delta": {"content": "Par"}}]},
+        {"choices": [{"index": 0, "delta": {"content": "is"}, "finish_reason": "stop"}]},
+        {"choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6}},
+    ]
+    body = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
+    respx.post(f"{BASE}/v1/chat/completions").respond(
+        200, text=body, headers={"content-type": "text/event-stream"}
+    )
+    deltas = [d async for d in VLLMChatRepository(client).stream(CHAT)]
+    assert [d.content for d in deltas] == ["Par", "is", ""]
+    assert deltas[-1].finish_reason == "stop"
+    assert deltas[-1].usage is not None and deltas[-1].usage.total_tokens == 6

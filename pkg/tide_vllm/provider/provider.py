@@ -22,6 +22,7 @@ class ProviderSettings:
     timeout: float
     defaults: ChatDefaults
     api_key: str | None = None
+    pool_size: int = 1024
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,11 @@ async def open_provider(
     `monitor` is the supervisor in auto-start mode; without one (manual mode) vLLM is probed.
     """
     client = VLLMClient(
-        settings.base_url, settings.timeout, api_key=settings.api_key, transport=transport
+        settings.base_url,
+        settings.timeout,
+        api_key=settings.api_key,
+        pool_size=settings.pool_size,
+        transport=transport,
     )
     try:
         factory = ChatFactory(settings.defaults)

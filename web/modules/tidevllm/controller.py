@@ -207,13 +207,15 @@ def _usage_of(raw: bytes) -> tuple[int, int] | None:
 
 
 async def _counted_openai(state: Any, events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """vLLM's events unchanged, noting when the first text arrives and the usage, if sent."""
+    """vLLM's event blocks unchanged, noting when the first text arrives and the usage."""
     try:
         async for event in events:
             if not getattr(state, "first_token_at", None) and _TEXT_DELTA.search(event):
                 state.first_token_at = time.perf_counter()
             if _USAGE.search(event):
-                state.usage = _usage_of(event[event.index(b"{") :].strip())
+                for line in event.split(b"\n"):
+                    if line.startswith(b"data:") and _USAGE.search(line):
+                        state.usage = _usage_of(line[5:])
             yield event
     finally:
         await events.aclose()  # type: ignore[attr-defined]

@@ -170,7 +170,9 @@ class VLLMServerManager:
         self._tail: deque[str] = deque(maxlen=20)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._ready = asyncio.Event()
-        self._client = VLLMClient(config.base_url, timeout=PROBE_TIMEOUT, api_key=self.api_key)
+        self._client = VLLMClient(
+            config.base_url, timeout=PROBE_TIMEOUT, api_key=self.api_key, pool_size=4
+        )
         self.restarts = 0  # in a row, for max_restarts
         self.total_restarts = 0  # since tide-vllm started, for the metrics
 

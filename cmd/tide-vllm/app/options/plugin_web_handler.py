@@ -32,6 +32,7 @@ def provider_settings(config: Config, upstream_api_key: str | None = None) -> Pr
         base_url=v.base_url,
         timeout=v.timeout,
         api_key=upstream_api_key or v.api_key,
+        pool_size=config.web.max_concurrent_requests + 16,  # chats, plus probes and models
         defaults=ChatDefaults(
             model=v.model_name,
             system_prompt=config.chat.system_prompt,

@@ -8,6 +8,7 @@ from typing import Any
 
 import httpx
 import orjson
+from httpx_aiohttp import AiohttpTransport
 
 REQUEST_ID_HEADER = "X-Request-Id"
 _JSON = {"Content-Type": "application/json"}
@@ -24,19 +25,23 @@ class VLLMClient:
         *,
         api_key: str | None = None,
         connect_timeout: float = 5.0,
+        pool_size: int = 1024,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.base_url = base_url
         self.timeout = timeout
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        # The pool is shared by every request and sized for the concurrency tide-vllm admits
+        # (vLLM batches, so let them all through). httpx's own transport collapsed at 32
+        # connections on the measuring machine; httpx-aiohttp's was three times faster.
+        limits = httpx.Limits(max_connections=pool_size, max_keepalive_connections=pool_size)
         self._http = httpx.AsyncClient(
             base_url=base_url,
             headers=headers,
             # For a stream, `read` bounds the wait for each chunk, the first one included.
             timeout=httpx.Timeout(timeout, connect=min(connect_timeout, timeout)),
-            # The pool is shared by every request; vLLM batches, so let them all through.
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
-            transport=transport,
+            limits=limits,
+            transport=transport or AiohttpTransport(limits=limits),
         )
 
     async def chat_completions(self, payload: Mapping[str, Any], request_id: str) -> httpx.Response:

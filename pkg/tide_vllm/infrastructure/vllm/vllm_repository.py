@@ -55,21 +55,19 @@ class VLLMChatRepository(ChatRepository):
         finish_reason: str | None = None
         usage: Usage | None = None
         async with self._open_stream(payload, chat.request_id) as response:
-            async for event in _events(response):
-                data = _event_data(event)
-                if data is None:
-                    continue
-                if data == b"[DONE]":
-                    break
-                chunk = _json_object(data)
-                if "error" in chunk:
-                    raise _error_from_body(chunk, 502)
-                usage = _usage(chunk.get("usage")) or usage
-                for choice in chunk.get("choices") or []:
-                    text = (choice.get("delta") or {}).get("content") or ""
-                    finish_reason = choice.get("finish_reason") or finish_reason
-                    if text:
-                        yield ChatDelta(content=text)
+            async for block in _events(response):
+                for data in _data_lines(block):
+                    if data == b"[DONE]":
+                        break
+                    chunk = _json_object(data)
+                    if "error" in chunk:
+                        raise _error_from_body(chunk, 502)
+                    usage = _usage(chunk.get("usage")) or usage
+                    for choice in chunk.get("choices") or []:
+                        text = (choice.get("delta") or {}).get("content") or ""
+                        finish_reason = choice.get("finish_reason") or finish_reason
+                        if text:
+                            yield ChatDelta(content=text)
         yield ChatDelta(finish_reason=finish_reason, usage=usage)
 
     # -- OpenAI requests, carried opaquely ------------------------------------------------
@@ -134,8 +132,8 @@ def _translated(client: VLLMClient) -> Iterator[None]:
 
 
 async def _events(response: httpx.Response) -> AsyncIterator[bytes]:
-    """Whole server-sent events (each ending in a blank line), forwarded as soon as they are
-    complete; a chunk holding several events is passed on at once."""
+    """Blocks of whole server-sent events (each ending in a blank line), passed on as soon as
+    they are complete: a chunk that holds several events is one block, never split or held."""
     buffer = b""
     async for chunk in response.aiter_raw():
         buffer += chunk
@@ -147,13 +145,9 @@ async def _events(response: httpx.Response) -> AsyncIterator[bytes]:
         yield buffer + EVENT_END
 
 
-def _event_data(event: bytes) -> bytes | None:
-    """The payload of the last `data:` line of an event (vLLM sends one per event)."""
-    data = None
-    for line in event.split(b"\n"):
-        if line.startswith(b"data:"):
-            data = line[5:].strip()
-    return data
+def _data_lines(block: bytes) -> list[bytes]:
+    """The `data:` payloads of a block of one or more events (vLLM sends one line per event)."""
+    return [line[5:].strip() for line in block.split(b"\n") if line.startswith(b"data:")]
 
 
 def _payload(chat: ChatEntity) -> dict[str, Any]:
