@@ -14,10 +14,12 @@ Names (documented in the README):
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -65,10 +67,26 @@ class Metrics:
         self.completion_tokens = Counter(
             "tide_vllm_completion_tokens", "Completion tokens", ["shape"], registry=r
         )
-        self.in_flight = Gauge("tide_vllm_requests_in_flight", "Requests being served", registry=r)
+        self.in_flight = Gauge(
+            "tide_vllm_requests_in_flight",
+            "Requests being served",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.upstream_errors = Counter(
             "tide_vllm_upstream_errors", "Failed calls to vLLM by kind", ["kind"], registry=r
         )
 
     def watch_engine(self, up: Callable[[], bool], restarts: Callable[[], int]) -> None:
-        self.registry.register(_EngineCollector(up, restarts))
+        self._engine = _EngineCollector(up, restarts)
+        self.registry.register(self._engine)
+
+    def exposition(self) -> bytes:
+        """The text format; with several web workers, their metrics summed."""
+        directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if not directory:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=directory)
+        registry.register(self._engine)
+        return generate_latest(registry)

@@ -18,7 +18,7 @@ from typing import Annotated, Any, TypeVar
 import orjson
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 
 from tide_vllm.application.application import Application
@@ -81,9 +81,7 @@ async def ready(app: App) -> JSONResponse:
 @router.get("/metrics", summary="tide-vllm's Prometheus metrics")
 async def metrics(request: Request, app: App) -> Response:
     await app.health()  # fresh: in manual mode this asks vLLM, for tide_vllm_vllm_up
-    return Response(
-        generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST
-    )
+    return Response(request.app.state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/metrics/vllm", summary="vLLM's own Prometheus metrics, relayed")

@@ -48,6 +48,9 @@ class WebConfig(_Section):
     max_concurrent_requests: int = Field(
         1024, ge=1, description="Chat requests in flight; above it, 429 at once."
     )
+    workers: int = Field(
+        1, ge=1, le=64, description="Web worker processes; vLLM is still started only once."
+    )
     cors_origins: list[str] = Field(
         default_factory=list, description='Origins allowed by CORS; [] = off, ["*"] = any.'
     )

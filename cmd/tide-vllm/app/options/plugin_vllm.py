@@ -173,6 +173,7 @@ class VLLMServerManager:
         self._client = VLLMClient(
             config.base_url, timeout=PROBE_TIMEOUT, api_key=self.api_key, pool_size=4
         )
+        self.on_change: Callable[[EngineStatus], None] | None = None  # web workers listen
         self.restarts = 0  # in a row, for max_restarts
         self.total_restarts = 0  # since tide-vllm started, for the metrics
 
@@ -226,6 +227,8 @@ class VLLMServerManager:
         if state is not self._state:
             log.info("vLLM state: %s -> %s (%s)", self._state.value, state.value, detail)
         self._state, self._detail = state, detail
+        if self.on_change is not None:
+            self.on_change(self.current())
 
     def _spawn(self, coro: Any, name: str) -> None:
         task = asyncio.get_running_loop().create_task(coro, name=name)

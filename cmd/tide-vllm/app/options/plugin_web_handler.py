@@ -22,6 +22,7 @@ from web.modules.tidevllm.controller import router
 from web.modules.tidevllm.errors import install_error_handlers
 
 from .options import Config
+from .workers import WorkerPool
 
 log = logging.getLogger("tide_vllm.web")
 
@@ -98,6 +99,21 @@ def build_app(
     return app
 
 
+def build_app_for(
+    config: Config, monitor: EngineMonitor | None, upstream_api_key: str | None
+) -> FastAPI:
+    web = config.web
+    return build_app(
+        provider_settings(config, upstream_api_key),
+        monitor,
+        max_body_bytes=web.max_body_bytes,
+        max_concurrent_requests=web.max_concurrent_requests,
+        api_keys=config.auth.api_keys,
+        cors_origins=web.cors_origins,
+        log_prompts=config.log.log_prompts,
+    )
+
+
 class _Server(uvicorn.Server):
     """uvicorn without its own signal handling: the bootstrap owns SIGTERM/SIGINT, so a clean
     stop exits 0 (uvicorn would re-raise the signal after its shutdown)."""
@@ -115,6 +131,7 @@ class WebHandlerPlugin:
         self.task: asyncio.Task[None] | None = None
         self.lifecycle = Lifecycle()
         self.grace = 0.0
+        self.pool: WorkerPool | None = None
 
     async def start(self, ctx: Any) -> None:
         config: Config = ctx.config
@@ -125,15 +142,11 @@ class WebHandlerPlugin:
                 "to anyone who can reach port %d",
                 web.bind_address.port,
             )
-        app = build_app(
-            provider_settings(config, ctx.upstream_api_key),
-            ctx.monitor,
-            max_body_bytes=web.max_body_bytes,
-            max_concurrent_requests=web.max_concurrent_requests,
-            api_keys=config.auth.api_keys,
-            cors_origins=web.cors_origins,
-            log_prompts=config.log.log_prompts,
-        )
+        if web.workers > 1:
+            self.pool = WorkerPool(config, ctx.upstream_api_key, ctx.monitor)
+            self.pool.start()
+            return
+        app = build_app_for(config, ctx.monitor, ctx.upstream_api_key)
         self.lifecycle = app.state.lifecycle
         self.grace = config.web.shutdown_grace
         bind = config.web.bind_address
@@ -166,6 +179,9 @@ class WebHandlerPlugin:
     async def stop(self, ctx: Any) -> None:
         """Drain: new requests get 503 at once, requests in flight (streams included) get up
         to `web.shutdown_grace` to finish; a second SIGINT (ctx.force) cuts that short."""
+        if self.pool is not None:
+            await self.pool.stop(force=bool(ctx.force), grace=ctx.config.web.shutdown_grace)
+            return
         if self.server is None or self.task is None:
             return
         self.lifecycle.draining = True

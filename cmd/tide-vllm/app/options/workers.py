@@ -1,0 +1,193 @@
+"""Several web workers on one port, with exactly one vLLM supervisor.
+
+With `web.workers: N > 1` the main process keeps the supervisor (one vLLM, started and watched
+once) and runs N web workers as child processes (spawned, so nothing of the main process's
+event loop is inherited) that share one listening socket. Each worker learns vLLM's state from
+shared memory the supervisor writes on every change, so a worker answers 503 at once while vLLM
+starts or restarts, like a single process does. A worker dies with the main process
+(PR_SET_PDEATHSIG), so no worker outlives it.
+
+Prometheus metrics are aggregated across workers with prometheus_client's multiprocess mode.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import multiprocessing
+import multiprocessing.context
+import os
+import shutil
+import signal
+import socket
+import tempfile
+from typing import Any
+
+import orjson
+import uvicorn
+
+from tide_vllm.domain.chat.entity import EngineState, EngineStatus
+
+from .options import Config
+
+log = logging.getLogger("tide_vllm.workers")
+
+PR_SET_PDEATHSIG = 1
+STATUS_BYTES = 4096
+
+
+class SharedEngineState:
+    """vLLM's status in shared memory: written by the supervisor, read by every worker."""
+
+    def __init__(self, mp: multiprocessing.context.BaseContext) -> None:
+        self.buffer = mp.Array("c", STATUS_BYTES, lock=False)  # type: ignore[attr-defined]
+        self.version = mp.Value("Q", 0, lock=False)  # type: ignore[attr-defined]
+
+    def publish(self, status: EngineStatus, total_restarts: int) -> None:
+        record = {
+            "state": status.state.value,
+            "healthy": status.healthy,
+            "detail": status.detail[:2000],
+            "restarts": total_restarts,
+        }
+        self.buffer.value = orjson.dumps(record)[: STATUS_BYTES - 1]
+        self.version.value += 1
+
+
+class SharedMonitor:
+    """EngineMonitor of a worker: the supervisor's last published status, parsed on change."""
+
+    def __init__(self, shared: SharedEngineState) -> None:
+        self.shared = shared
+        self._seen = -1
+        self._status = EngineStatus(EngineState.STARTING, False, "vLLM is starting")
+        self.total_restarts = 0
+
+    def current(self) -> EngineStatus:
+        version = self.shared.version.value
+        if version != self._seen:
+            try:
+                record = orjson.loads(self.shared.buffer.value)
+                self._status = EngineStatus(
+                    EngineState(record["state"]), bool(record["healthy"]), record["detail"]
+                )
+                self.total_restarts = int(record["restarts"])
+                self._seen = version
+            except (orjson.JSONDecodeError, KeyError, ValueError):
+                pass  # caught mid-write: the next call reads it whole
+        return self._status
+
+    async def check(self) -> EngineStatus:
+        return self.current()
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _die_with_parent() -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def worker_main(
+    config: Config,
+    sock: socket.socket,
+    upstream_api_key: str | None,
+    engine: SharedEngineState | Any,
+) -> None:
+    """A web worker's process: the same app as a single process, on the shared socket.
+    `engine` is the supervisor's shared state, a fixed monitor (vLLM disabled), or None
+    (manual mode: the worker asks vLLM itself)."""
+    _die_with_parent()
+    from .plugin_logs import configure_logging
+    from .plugin_web_handler import build_app_for
+
+    configure_logging(config.log.level, config.log.format)
+    monitor = SharedMonitor(engine) if isinstance(engine, SharedEngineState) else engine
+    app = build_app_for(config, monitor, upstream_api_key)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            log_config=None,
+            lifespan="on",
+            access_log=False,
+            timeout_graceful_shutdown=int(config.web.shutdown_grace) or None,
+        )
+    )
+    server.run(sockets=[sock])
+
+
+class WorkerPool:
+    """Starts the workers, restarts one that dies, stops them all."""
+
+    def __init__(self, config: Config, upstream_api_key: str | None, monitor: Any) -> None:
+        self.config = config
+        self.upstream_api_key = upstream_api_key
+        self.mp = multiprocessing.get_context("spawn")
+        self.engine: Any = monitor  # None (manual mode) or a fixed monitor travel as they are
+        if monitor is not None and hasattr(monitor, "on_change"):
+            shared = self.engine = SharedEngineState(self.mp)
+            monitor.on_change = lambda status: shared.publish(status, monitor.total_restarts)
+            monitor.on_change(monitor.current())
+        self.processes: list[multiprocessing.process.BaseProcess] = []
+        self.stopping = False
+        self._watch: asyncio.Task[None] | None = None
+        # Metrics of all workers, aggregated at scrape time.
+        self.metrics_dir = tempfile.mkdtemp(prefix="tide-vllm-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = self.metrics_dir
+
+    def start(self) -> None:
+        bind = self.config.web.bind_address
+        self.sock = bind_socket(bind.host, bind.port)
+        for _ in range(self.config.web.workers):
+            self.processes.append(self._spawn())
+        self._watch = asyncio.get_running_loop().create_task(self._keep_alive())
+        log.info("%d web workers on http://%s:%d", len(self.processes), bind.host, bind.port)
+
+    def _spawn(self) -> multiprocessing.process.BaseProcess:
+        process = self.mp.Process(  # type: ignore[attr-defined]
+            target=worker_main,
+            args=(self.config, self.sock, self.upstream_api_key, self.engine),
+            name="tide-vllm-web",
+        )
+        process.start()
+        return process
+
+    async def _keep_alive(self) -> None:
+        while not self.stopping:
+            await asyncio.sleep(0.5)
+            for i, process in enumerate(self.processes):
+                if not process.is_alive() and not self.stopping:
+                    log.error("web worker %d exited with %s; starting another", i, process.exitcode)
+                    self.processes[i] = self._spawn()
+
+    async def stop(self, force: bool, grace: float) -> None:
+        self.stopping = True
+        if self._watch:
+            self._watch.cancel()
+        sig = signal.SIGKILL if force else signal.SIGTERM
+        for process in self.processes:
+            if process.pid and process.is_alive():
+                os.kill(process.pid, sig)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace + 5
+        while any(p.is_alive() for p in self.processes) and loop.time() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        for process in self.processes:
+            if process.is_alive():
+                log.warning("web worker %s did not stop; killing it", process.pid)
+                process.kill()
+            process.join(1)
+        self.sock.close()
+        shutil.rmtree(self.metrics_dir, ignore_errors=True)
+        os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)

@@ -1,0 +1,79 @@
+"""Several web workers on one port, with exactly one vLLM supervisor."""
+
+from __future__ import annotations
+
+import httpx
+
+from tests.fakes.upstream import MODEL, Recorder, ServerThread, build_upstream
+from tests.helpers import FAKE_VLLM, PYTHON, command_line, descendants, free_port
+from tests.service import ServiceProcess
+
+
+def test_two_workers_one_vllm_started_once_and_stopped_cleanly(tmp_path):
+    config = {
+        "web": {"bind_address": {"host": "127.0.0.1", "port": free_port()}, "workers": 2},
+        "vllm": {
+            "auto_start": True,
+            "host": "127.0.0.1",
+            "port": free_port(),
+            "model_name": "fake-model",
+            "command": [PYTHON, str(FAKE_VLLM)],
+            "env": {"FAKE_VLLM_MODE": "delay=1"},
+        },
+    }
+    service = ServiceProcess(config, tmp_path)
+    try:
+        service.wait_listening()
+        service.wait_healthy(timeout=30)
+        tree = descendants(service.proc.pid)
+        fakes = [
+            p
+            for p in tree
+            if "fake_vllm.py" in command_line(p) and "vllm_launcher" not in command_line(p)
+        ]
+        assert len(fakes) == 1, "vLLM must be started once, not once per worker"
+        workers = [
+            p
+            for p in tree
+            if "multiprocessing" in command_line(p) and "resource_tracker" not in command_line(p)
+        ]
+        assert len(workers) == 2, [command_line(p) for p in tree]
+        with httpx.Client(base_url=service.url) as client:
+            for _ in range(20):  # across both workers
+                r = client.post(
+                    "/chat/completions", json={"prompt": "hi"}, headers={"Connection": "close"}
+                )
+                assert r.status_code == 200 and r.json()["content"] == "fake answer to: hi"
+            text = client.get("/metrics").text
+        assert "tide_vllm_vllm_up 1.0" in text
+        total = sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("tide_vllm_requests_total{") and 'route="/chat/completions"' in line
+        )
+        assert total == 20, "the metrics of both workers are summed"
+        code, left = service.terminate()
+        assert code == 0, service.log()[-2000:]
+        assert left == []
+    finally:
+        service.kill_all()
+
+
+def test_workers_in_manual_mode(tmp_path):
+    with ServerThread(build_upstream(Recorder()), free_port()) as upstream:
+        port = int(upstream.url.rsplit(":", 1)[1])
+        config = {
+            "web": {"bind_address": {"host": "127.0.0.1", "port": free_port()}, "workers": 2},
+            "vllm": {"auto_start": False, "host": "127.0.0.1", "port": port, "model_name": MODEL},
+        }
+        service = ServiceProcess(config, tmp_path)
+        try:
+            service.wait_healthy(timeout=30)
+            r = httpx.post(
+                service.url + "/v1/chat/completions",
+                json={"messages": [{"role": "user", "content": "hi"}]},
+            )
+            assert r.status_code == 200
+            assert service.terminate()[0] == 0
+        finally:
+            service.kill_all()
