@@ -80,3 +80,22 @@ class ServiceProcess:
             except (ProcessLookupError, PermissionError):
                 pass
         self._log.close()
+
+
+def fake_vllm_config(mode: str = "", web: dict | None = None, **vllm: object) -> dict:
+    """A service configuration in auto-start mode on the fake vLLM executable."""
+    from tests.helpers import FAKE_VLLM, free_port
+
+    env = dict(vllm.pop("env", {}) or {})  # type: ignore[call-overload]
+    return {
+        "web": {"bind_address": {"host": "127.0.0.1", "port": free_port()}, **(web or {})},
+        "vllm": {
+            "auto_start": True,
+            "host": "127.0.0.1",
+            "port": free_port(),
+            "model_name": "fake-model",
+            "command": [PYTHON, str(FAKE_VLLM)],
+            "env": {"FAKE_VLLM_MODE": mode, **env},
+            **vllm,
+        },
+    }

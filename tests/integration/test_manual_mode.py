@@ -6,7 +6,7 @@ import subprocess
 import httpx
 
 from tests.helpers import FAKE_VLLM, PYTHON, alive, free_port
-from tests.service import ServiceProcess
+from tests.service import ServiceProcess, fake_vllm_config
 
 
 def test_manual_mode_serves_as_soon_as_vllm_answers(tmp_path):
@@ -52,18 +52,7 @@ def test_manual_mode_serves_as_soon_as_vllm_answers(tmp_path):
 
 
 def test_auto_start_mode_on_the_fake_vllm_exits_0_on_sigterm_leaving_nothing(tmp_path):
-    web_port = free_port()
-    config = {
-        "web": {"bind_address": {"host": "127.0.0.1", "port": web_port}},
-        "vllm": {
-            "auto_start": True,
-            "host": "127.0.0.1",
-            "port": free_port(),
-            "model_name": "fake-model",
-            "command": [PYTHON, str(FAKE_VLLM)],
-            "env": {"FAKE_VLLM_MODE": "delay=1,grandchild"},
-        },
-    }
+    config = fake_vllm_config("delay=1,grandchild")
     service = ServiceProcess(config, tmp_path)
     try:
         service.wait_listening()
@@ -79,21 +68,11 @@ def test_auto_start_mode_on_the_fake_vllm_exits_0_on_sigterm_leaving_nothing(tmp
 
 
 def test_auto_start_exits_non_zero_when_vllm_never_gets_ready(tmp_path):
-    config = {
-        "web": {"bind_address": {"host": "127.0.0.1", "port": free_port()}},
-        "vllm": {
-            "auto_start": True,
-            "host": "127.0.0.1",
-            "port": free_port(),
-            "model_name": "fake-model",
-            "command": [PYTHON, str(FAKE_VLLM)],
-            "startup_timeout": 2,
-            "env": {
-                "FAKE_VLLM_MODE": "never_ready,grandchild",
-                "FAKE_VLLM_PIDFILE": str(tmp_path / "pids"),
-            },
-        },
-    }
+    config = fake_vllm_config(
+        "never_ready,grandchild",
+        startup_timeout=2,
+        env={"FAKE_VLLM_PIDFILE": str(tmp_path / "pids")},
+    )
     service = ServiceProcess(config, tmp_path)
     try:
         code = service.proc.wait(timeout=60)

@@ -16,22 +16,12 @@ import httpx
 import pytest
 
 from tests.fakes.upstream import MODEL, Recorder, ServerThread, build_upstream
-from tests.helpers import FAKE_VLLM, PYTHON, ROOT, alive, descendants, free_port
-from tests.service import ServiceProcess
+from tests.helpers import PYTHON, ROOT, alive, descendants, free_port
+from tests.service import ServiceProcess, fake_vllm_config
 
 
 def test_sigkill_of_tide_vllm_leaves_no_vllm_process_after_5_seconds(tmp_path):
-    config = {
-        "web": {"bind_address": {"host": "127.0.0.1", "port": free_port()}},
-        "vllm": {
-            "auto_start": True,
-            "host": "127.0.0.1",
-            "port": free_port(),
-            "model_name": "fake-model",
-            "command": [PYTHON, str(FAKE_VLLM)],
-            "env": {"FAKE_VLLM_MODE": "grandchild"},
-        },
-    }
+    config = fake_vllm_config("grandchild")
     service = ServiceProcess(config, tmp_path)
     try:
         service.wait_healthy(timeout=30)

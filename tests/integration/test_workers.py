@@ -5,22 +5,12 @@ from __future__ import annotations
 import httpx
 
 from tests.fakes.upstream import MODEL, Recorder, ServerThread, build_upstream
-from tests.helpers import FAKE_VLLM, PYTHON, command_line, descendants, free_port
-from tests.service import ServiceProcess
+from tests.helpers import command_line, descendants, free_port
+from tests.service import ServiceProcess, fake_vllm_config
 
 
 def test_two_workers_one_vllm_started_once_and_stopped_cleanly(tmp_path):
-    config = {
-        "web": {"bind_address": {"host": "127.0.0.1", "port": free_port()}, "workers": 2},
-        "vllm": {
-            "auto_start": True,
-            "host": "127.0.0.1",
-            "port": free_port(),
-            "model_name": "fake-model",
-            "command": [PYTHON, str(FAKE_VLLM)],
-            "env": {"FAKE_VLLM_MODE": "delay=1"},
-        },
-    }
+    config = fake_vllm_config("delay=1", web={"workers": 2})
     service = ServiceProcess(config, tmp_path)
     try:
         service.wait_listening()

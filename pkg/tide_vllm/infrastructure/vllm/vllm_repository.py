@@ -3,7 +3,7 @@ the domain's errors."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
@@ -83,15 +83,14 @@ class VLLMChatRepository(ChatRepository):
                 yield event
 
     async def models(self) -> bytes:
-        with _translated(self.client):
-            response = await self.client.get_models()
-        if response.status_code >= 400:
-            raise _upstream_error(response.status_code, response.content)
-        return response.content
+        return await self._get(self.client.get_models)
 
     async def engine_metrics(self) -> bytes:
+        return await self._get(self.client.get_metrics)
+
+    async def _get(self, fetch: Callable[[], Awaitable[httpx.Response]]) -> bytes:
         with _translated(self.client):
-            response = await self.client.get_metrics()
+            response = await fetch()
         if response.status_code >= 400:
             raise _upstream_error(response.status_code, response.content)
         return response.content
