@@ -122,7 +122,9 @@ _CHAT_BODY = {
 }
 
 
-async def chat_completions(request: Request, app: App) -> Response:
+async def chat_completions(request: Request) -> Response:
+    # The hot path reads the provider directly: FastAPI's dependency solving costs more.
+    app: Application = request.app.state.provider.application
     request.state.shape = TIDE_SHAPE if request.url.path == "/chat/completions" else OPENAI_SHAPE
     body = await read_json_object(request)
     has_prompt, has_messages = "prompt" in body, "messages" in body
@@ -149,7 +151,7 @@ for _path, _summary in (
     )
 
 
-async def _openai_chat(request: Request, app: App, body: dict[str, Any]) -> Response:
+async def _openai_chat(request: Request, app: Application, body: dict[str, Any]) -> Response:
     state = request.state
     state.shape = OPENAI_SHAPE
     chat = app.factory.from_openai(body, state.request_id)
@@ -167,7 +169,7 @@ async def _openai_chat(request: Request, app: App, body: dict[str, Any]) -> Resp
     return Response(raw, media_type="application/json")
 
 
-async def _tide_chat(request: Request, app: App, body: dict[str, Any]) -> Response:
+async def _tide_chat(request: Request, app: Application, body: dict[str, Any]) -> Response:
     state = request.state
     state.shape = TIDE_SHAPE
     given = valid_request_id(body.get("request_id"))
@@ -192,7 +194,10 @@ async def _tide_chat(request: Request, app: App, body: dict[str, Any]) -> Respon
     state.usage = (result.usage.prompt_tokens, result.usage.completion_tokens)
     if request.app.state.log_prompts:
         log.info("completion: %s", result.content)
-    return JSONResponse(TideChatResponse.from_result(result).model_dump())
+    return Response(
+        orjson.dumps(TideChatResponse.from_result(result).model_dump()),
+        media_type="application/json",
+    )
 
 
 def _usage_of(raw: bytes) -> tuple[int, int] | None:
