@@ -39,3 +39,13 @@ lint: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# What tide-vllm adds in front of a fast stub upstream: latency, throughput, streaming, 1,000
+# streams and memory, side by side with the stub alone (bench/run.py; not part of `make test`).
+# Needs `wrk`; installed here with apt-get (Debian) when it is missing.
+.PHONY: bench
+bench: install
+	@command -v wrk >/dev/null || { echo "bench: wrk is missing; installing it with apt-get"; \
+		apt-get install -y -qq wrk >/dev/null 2>&1 || \
+		{ apt-get update -qq && apt-get install -y -qq wrk; }; }
+	$(PY) bench/run.py
