@@ -3,6 +3,7 @@ property-based fuzz run (schemathesis) over the service's own OpenAPI schema che
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -122,3 +123,17 @@ def fuzz(operation, base_url: str) -> None:
             assert response.json()
 
     no_server_error()
+
+
+def test_a_client_that_leaves_mid_body_leaves_no_traceback(tide, caplog):
+    import socket
+
+    host, port = tide.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 1000\r\n\r\n" + b'{"messages": ['
+        )
+    time.sleep(0.3)
+    assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+    assert httpx.get(tide.url + "/health").status_code == 200

@@ -48,12 +48,13 @@ _USAGE = re.compile(rb'"usage":\s*\{')
 log = logging.getLogger("tide_vllm.chat")
 
 
-def get_provider(request: Request) -> Provider:
+# Async on purpose: FastAPI runs a sync dependency in a worker thread, a hop per request.
+async def get_provider(request: Request) -> Provider:
     provider: Provider = request.app.state.provider
     return provider
 
 
-def get_application(provider: Annotated[Provider, Depends(get_provider)]) -> Application:
+async def get_application(provider: Annotated[Provider, Depends(get_provider)]) -> Application:
     return provider.application
 
 

@@ -14,6 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from tide_vllm.domain.chat.entity import (
     ChatError,
@@ -159,6 +160,7 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ChatError, _chat_error)
     app.add_exception_handler(ClientDisconnected, _client_disconnected)
+    app.add_exception_handler(ClientDisconnect, _client_disconnected)  # left mid-body
     app.add_exception_handler(RequestRejected, _rejected)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
