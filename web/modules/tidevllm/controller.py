@@ -45,6 +45,8 @@ DONE = b"data: [DONE]\n\n"
 # An OpenAI chunk whose delta carries text, and one that carries the usage.
 _TEXT_DELTA = re.compile(rb'"delta":\s*\{[^}]*"content":\s*"[^"]')
 _USAGE = re.compile(rb'"usage":\s*\{')
+_PROMPT_TOKENS = re.compile(rb'"prompt_tokens":\s*(\d+)')
+_COMPLETION_TOKENS = re.compile(rb'"completion_tokens":\s*(\d+)')
 log = logging.getLogger("tide_vllm.chat")
 
 
@@ -202,12 +204,20 @@ async def _tide_chat(request: Request, app: Application, body: dict[str, Any]) -
 
 
 def _usage_of(raw: bytes) -> tuple[int, int] | None:
-    """Token counts of a relayed answer, for the metrics and the access log."""
-    try:
-        usage = orjson.loads(raw).get("usage") or {}
-        return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
-    except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
+    """Token counts of a relayed answer, for the metrics and the access log, read after its
+    last `"usage": {` key without parsing the whole answer a second time (text inside JSON
+    strings has its quotes escaped, so only a real key matches)."""
+    start = None
+    for start_match in _USAGE.finditer(raw):
+        start = start_match.end()
+    if start is None:
         return None
+    prompt = _PROMPT_TOKENS.search(raw, start)
+    completion = _COMPLETION_TOKENS.search(raw, start)
+    return (
+        int(prompt.group(1)) if prompt else 0,
+        int(completion.group(1)) if completion else 0,
+    )
 
 
 async def _counted_openai(state: Any, events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
@@ -216,10 +226,9 @@ async def _counted_openai(state: Any, events: AsyncIterator[bytes]) -> AsyncIter
         async for event in events:
             if not getattr(state, "first_token_at", None) and _TEXT_DELTA.search(event):
                 state.first_token_at = time.perf_counter()
-            if _USAGE.search(event):
-                for line in event.split(b"\n"):
-                    if line.startswith(b"data:") and _USAGE.search(line):
-                        state.usage = _usage_of(line[5:])
+            usage = _usage_of(event)
+            if usage is not None:
+                state.usage = usage
             yield event
     finally:
         await events.aclose()  # type: ignore[attr-defined]
