@@ -130,7 +130,6 @@ class WebHandlerPlugin:
         self.server: _Server | None = None
         self.task: asyncio.Task[None] | None = None
         self.lifecycle = Lifecycle()
-        self.grace = 0.0
         self.pool: WorkerPool | None = None
 
     async def start(self, ctx: Any) -> None:
@@ -148,7 +147,6 @@ class WebHandlerPlugin:
             return
         app = build_app_for(config, ctx.monitor, ctx.upstream_api_key)
         self.lifecycle = app.state.lifecycle
-        self.grace = config.web.shutdown_grace
         bind = config.web.bind_address
         self.server = _Server(
             uvicorn.Config(
@@ -179,14 +177,15 @@ class WebHandlerPlugin:
     async def stop(self, ctx: Any) -> None:
         """Drain: new requests get 503 at once, requests in flight (streams included) get up
         to `web.shutdown_grace` to finish; a second SIGINT (ctx.force) cuts that short."""
+        grace = ctx.config.web.shutdown_grace
         if self.pool is not None:
-            await self.pool.stop(force=bool(ctx.force), grace=ctx.config.web.shutdown_grace)
+            await self.pool.stop(force=bool(ctx.force), grace=grace)
             return
         if self.server is None or self.task is None:
             return
         self.lifecycle.draining = True
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.grace
+        deadline = loop.time() + grace
         if self.lifecycle.in_flight:
             log.info("draining %d request(s) in flight", self.lifecycle.in_flight)
         while self.lifecycle.in_flight and loop.time() < deadline and not ctx.force:  # noqa: ASYNC110
