@@ -39,12 +39,6 @@ def valid_request_id(value: Any) -> str | None:
     return value if isinstance(value, str) and _REQUEST_ID.match(value) else None
 
 
-def bind_request_id(state: Any, request_id: str) -> None:
-    """The request's id from now on: in its state, its response header and its log lines."""
-    state.request_id = request_id
-    REQUEST_ID.set(request_id)
-
-
 class Lifecycle:
     """Shared by the middleware (which counts) and the bootstrap (which drains)."""
 
@@ -75,15 +69,20 @@ class ApiKeys:
 
 
 class GatewayMiddleware:
+    """In front of everything: the chat paths go straight to `chat` (the hot path, a plain
+    ASGI endpoint), everything else to `app` (FastAPI)."""
+
     def __init__(
         self,
         app: ASGIApp,
+        chat: ASGIApp,
         lifecycle: Lifecycle,
         metrics: Metrics,
         api_keys: ApiKeys,
         max_concurrent_requests: int,
     ) -> None:
         self.app = app
+        self.chat = chat
         self.lifecycle = lifecycle
         self.metrics = metrics
         self.api_keys = api_keys
@@ -101,7 +100,7 @@ class GatewayMiddleware:
         state["request_id"] = request_id
         state["started"] = started
         token = REQUEST_ID.set(request_id)
-        is_chat = path in CHAT_PATHS and scope["method"] == "POST"
+        is_chat = path in CHAT_PATHS
         status = 500
         try:
             refusal = self._refusal(scope, path, headers, is_chat)
@@ -125,7 +124,7 @@ class GatewayMiddleware:
             if is_chat:
                 self.lifecycle.chats_in_flight += 1
             try:
-                await self.app(scope, receive, send_with_id)
+                await (self.chat if is_chat else self.app)(scope, receive, send_with_id)
             finally:
                 self.lifecycle.in_flight -= 1
                 self.metrics.in_flight.dec()

@@ -90,18 +90,36 @@ def _openai_body(status: int, message: str, param: str | None, kind: str | None)
     }
 
 
+def error_body(
+    shape: str | None,
+    status: int,
+    message: str,
+    param: str | None,
+    kind: str | None,
+    request_id: str | None,
+    model: str,
+) -> dict[str, Any]:
+    """The Tide shape for Tide requests (and the spec's path), OpenAI's for everything else."""
+    if shape == TIDE_SHAPE:
+        return TideChatResponse.failure(
+            request_id=request_id or str(uuid.uuid4()), model=model, error=message
+        ).model_dump()
+    return _openai_body(status, message, param, kind)
+
+
 def error_response(
     request: Request, status: int, message: str, param: str | None = None, kind: str | None = None
 ) -> JSONResponse:
-    """The Tide shape for Tide requests (and the spec's path), OpenAI's for everything else."""
-    if getattr(request.state, "shape", None) == TIDE_SHAPE:
-        body = TideChatResponse.failure(
-            request_id=getattr(request.state, "request_id", None) or str(uuid.uuid4()),
-            model=request.app.state.provider.settings.defaults.model,
-            error=message,
-        ).model_dump()
-    else:
-        body = _openai_body(status, message, param, kind)
+    state = request.state
+    body = error_body(
+        getattr(state, "shape", None),
+        status,
+        message,
+        param,
+        kind,
+        getattr(state, "request_id", None),
+        request.app.state.provider.settings.defaults.model,
+    )
     return JSONResponse(body, status_code=status)
 
 
@@ -113,16 +131,19 @@ _UPSTREAM_KINDS = (
 )
 
 
-def count_upstream_error(request: Request, exc: ChatError) -> None:
+def upstream_error_kind(exc: ChatError) -> str | None:
+    """The label of tide_vllm_upstream_errors_total for an error of the call to vLLM."""
     for cls, kind in _UPSTREAM_KINDS:
         if isinstance(exc, cls):
-            request.app.state.metrics.upstream_errors.labels(kind).inc()
-            return
+            return kind
+    return None
 
 
 async def _chat_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ChatError)
-    count_upstream_error(request, exc)
+    kind_label = upstream_error_kind(exc)
+    if kind_label:
+        request.app.state.metrics.upstream_errors.labels(kind_label).inc()
     status = status_of(exc)
     if status >= 500:
         log.warning("%s %s -> %d: %s", request.method, request.url.path, status, exc.message)

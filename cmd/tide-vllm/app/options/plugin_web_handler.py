@@ -12,12 +12,14 @@ import httpx
 import uvicorn
 from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
+from starlette.types import ASGIApp
 
 from tide_vllm.domain.chat.factory import ChatDefaults
 from tide_vllm.domain.chat.repository import EngineMonitor
 from tide_vllm.provider.provider import ProviderSettings, open_provider
 from web.gateway import ApiKeys, GatewayMiddleware, Lifecycle
 from web.metrics import Metrics
+from web.modules.tidevllm.chat import ChatEndpoint, openapi_paths
 from web.modules.tidevllm.controller import router
 from web.modules.tidevllm.errors import install_error_handlers
 
@@ -55,19 +57,27 @@ def build_app(
     cors_origins: Sequence[str] = (),
     log_prompts: bool = False,
 ) -> FastAPI:
-    """The ASGI app; its lifespan opens the provider (and its shared HTTP client)."""
+    """The ASGI app; its lifespan opens the provider (and its shared HTTP client).
+
+    Requests pass, in order: CORS (when configured, so preflights are answered before the key
+    check), the gateway middleware (drain, keys, ids, limits, metrics, access log), then the
+    chat endpoint for the two chat paths, or FastAPI (errors, routing) for the rest."""
     metrics = Metrics()
+    chat = ChatEndpoint(metrics, max_body_bytes=max_body_bytes, log_prompts=log_prompts)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with open_provider(settings, monitor, transport) as provider:
             app.state.provider = provider
+            chat.application = provider.application
+            chat.default_model = settings.defaults.model
             engine = provider.application.monitor
             metrics.watch_engine(
                 up=lambda: engine.current().healthy,
                 restarts=lambda: getattr(engine, "total_restarts", 0),
             )
             yield
+            chat.application = None
 
     app = FastAPI(
         title="tide-vllm",
@@ -81,22 +91,39 @@ def build_app(
     app.state.lifecycle = Lifecycle()
     app.include_router(router)
     install_error_handlers(app)
-    app.add_middleware(
-        GatewayMiddleware,
+    _document_chat(app)
+    edge: ASGIApp = GatewayMiddleware(
+        app.build_middleware_stack(),
+        chat,
         lifecycle=app.state.lifecycle,
         metrics=metrics,
         api_keys=ApiKeys(api_keys),
         max_concurrent_requests=max_concurrent_requests,
     )
-    if cors_origins:  # outermost, so preflight requests are answered before the key check
-        app.add_middleware(
-            CORSMiddleware,
+    if cors_origins:
+        edge = CORSMiddleware(
+            edge,
             allow_origins=list(cors_origins),
             allow_methods=["*"],
             allow_headers=["*"],
             expose_headers=["x-request-id"],
         )
+    app.middleware_stack = edge  # Starlette builds the stack itself only when none is set
     return app
+
+
+def _document_chat(app: FastAPI) -> None:
+    """The chat routes in /openapi.json, although they are served by ChatEndpoint."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = generate()
+            schema["paths"] = {**openapi_paths(), **schema["paths"]}
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def build_app_for(

@@ -1,0 +1,468 @@
+"""The two chat routes, `POST /chat/completions` and `POST /v1/chat/completions`, as one plain
+ASGI endpoint.
+
+They are the gateway's hot path, so the gateway hands them here directly instead of through
+FastAPI's routing, request objects, dependency solving and exception middleware (together a
+fifth of the CPU time of a relayed request). Everything else stays in controller.py. The
+OpenAPI schema still documents them (`openapi_paths`).
+
+The shape you send is the shape you get: a body with `prompt` is the spec's (Tide) request and
+gets the spec's response; a body with `messages` is an OpenAI chat request and gets vLLM's
+OpenAI answer, carried unchanged. Errors get the shape of the request (errors.py), never a
+traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import orjson
+from pydantic import ValidationError
+from starlette.types import Receive, Scope, Send
+
+from tide_vllm.application.application import Application
+from tide_vllm.domain.chat.entity import ChatDelta, ChatError, ChatResult, InvalidChatRequest
+from web.gateway import REQUEST_ID, valid_request_id
+from web.metrics import Metrics
+
+from .errors import (
+    CLIENT_CLOSED_REQUEST,
+    OPENAI_SHAPE,
+    TIDE_SHAPE,
+    ClientDisconnected,
+    RequestRejected,
+    error_body,
+    openai_error_body,
+    status_of,
+    upstream_error_kind,
+)
+from .schemas import TideChatRequest, TideChatResponse
+
+T = TypeVar("T")
+
+CHAT_PATHS = {"/chat/completions": TIDE_SHAPE, "/v1/chat/completions": OPENAI_SHAPE}
+_SUMMARIES = {TIDE_SHAPE: "Chat (the spec's path)", OPENAI_SHAPE: "Chat (OpenAI-compatible path)"}
+JSON = b"application/json"
+SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+DONE = b"data: [DONE]\n\n"
+# An OpenAI chunk whose delta carries text, and one that carries the usage.
+_TEXT_DELTA = re.compile(rb'"delta":\s*\{[^}]*"content":\s*"[^"]')
+_USAGE = re.compile(rb'"usage":\s*\{')
+_PROMPT_TOKENS = re.compile(rb'"prompt_tokens":\s*(\d+)')
+_COMPLETION_TOKENS = re.compile(rb'"completion_tokens":\s*(\d+)')
+log = logging.getLogger("tide_vllm.chat")
+errors_log = logging.getLogger("tide_vllm.web")
+
+
+class ChatEndpoint:
+    """ASGI app for the chat paths. `provider` is set by the app's lifespan; the request's
+    `scope["state"]` (from the gateway) carries its id and collects what the access log and
+    the metrics report: shape, model, usage, time of the first token."""
+
+    def __init__(self, metrics: Metrics, max_body_bytes: int, log_prompts: bool) -> None:
+        self.metrics = metrics
+        self.max_body_bytes = max_body_bytes
+        self.log_prompts = log_prompts
+        self.application: Application | None = None
+        self.default_model = ""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        state: dict[str, Any] = scope["state"]
+        state["shape"] = CHAT_PATHS[scope["path"]]
+        exchange = _Exchange(scope, receive, send)
+        try:
+            if scope["method"] != "POST":
+                raise RequestRejected(405, "method", f"{scope['method']} is not allowed; use POST")
+            if self.application is None:
+                raise RuntimeError("the chat endpoint was called before the app started")
+            await self._chat(exchange, self.application)
+        except ClientDisconnected:
+            if not exchange.started:
+                await exchange.respond(CLIENT_CLOSED_REQUEST, b"")
+        except ChatError as exc:
+            self._count_upstream_error(exc)
+            status = status_of(exc)
+            if status >= 500:
+                errors_log.warning("POST %s -> %d: %s", scope["path"], status, exc.message)
+            await self._error(exchange, status, exc.message, *_param_and_kind(exc))
+        except RequestRejected as exc:
+            extra = [(b"allow", b"POST")] if exc.status == 405 else []
+            message = f"{exc.param}: {exc.message}"
+            await self._error(exchange, exc.status, message, exc.param, None, extra)
+        except Exception:
+            errors_log.exception("unexpected error on %s %s", scope["method"], scope["path"])
+            await self._error(exchange, 500, "internal error in tide-vllm; see its log")
+
+    async def _error(
+        self,
+        exchange: _Exchange,
+        status: int,
+        message: str,
+        param: str | None = None,
+        kind: str | None = None,
+        extra: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
+        if exchange.started:  # a stream already under way ends with an error event instead
+            return
+        state = exchange.state
+        body = error_body(
+            state["shape"], status, message, param, kind, state["request_id"], self.default_model
+        )
+        await exchange.respond(status, orjson.dumps(body), JSON, extra)
+
+    def _count_upstream_error(self, exc: ChatError) -> None:
+        kind = upstream_error_kind(exc)
+        if kind:
+            self.metrics.upstream_errors.labels(kind).inc()
+
+    # -- the request ----------------------------------------------------------------------
+    async def _chat(self, exchange: _Exchange, app: Application) -> None:
+        body = await exchange.read_json_object(self.max_body_bytes)
+        has_prompt, has_messages = "prompt" in body, "messages" in body
+        if has_prompt and has_messages:
+            raise InvalidChatRequest(
+                "prompt",
+                "send either `prompt` (the spec's request) or `messages` (OpenAI's), not both",
+            )
+        if has_messages:
+            await self._openai_chat(exchange, app, body)
+        else:
+            await self._tide_chat(exchange, app, body)
+
+    async def _openai_chat(
+        self, exchange: _Exchange, app: Application, body: dict[str, Any]
+    ) -> None:
+        state = exchange.state
+        state["shape"] = OPENAI_SHAPE
+        chat = app.factory.from_openai(body, state["request_id"])
+        state["model"] = chat.model
+        if self.log_prompts:
+            log.info("messages: %s", orjson.dumps(body.get("messages")).decode())
+        if chat.stream:
+            events = _counted_openai(state, app.chat.relay_stream(chat))
+            await self._sse(exchange, events, _openai_error_event)
+            return
+        raw = await exchange.until_disconnect(app.chat.relay(chat))
+        state["usage"] = _usage_of(raw)
+        if self.log_prompts:
+            log.info("completion: %s", raw.decode(errors="replace"))
+        await exchange.respond(200, raw, JSON)
+
+    async def _tide_chat(self, exchange: _Exchange, app: Application, body: dict[str, Any]) -> None:
+        state = exchange.state
+        state["shape"] = TIDE_SHAPE
+        given = valid_request_id(body.get("request_id"))
+        if given:  # the body's id wins, in the header and the log too
+            state["request_id"] = given
+            REQUEST_ID.set(given)
+        tide = parse(TideChatRequest, body)
+        chat = app.factory.from_prompt(
+            tide.prompt,
+            system_prompt=tide.system_prompt,
+            request_id=state["request_id"],
+            max_tokens=tide.max_tokens,
+            temperature=tide.temperature,
+            top_p=tide.top_p,
+        )
+        state["model"] = chat.model
+        if self.log_prompts:
+            log.info("prompt: %s", tide.prompt)
+        if tide.stream:
+            events = _tide_events(state, chat.model, app.chat.stream(chat))
+            await self._sse(exchange, events, _tide_error_event(chat.request_id, chat.model))
+            return
+        result: ChatResult = await exchange.until_disconnect(app.chat.handle(chat))
+        state["usage"] = (result.usage.prompt_tokens, result.usage.completion_tokens)
+        if self.log_prompts:
+            log.info("completion: %s", result.content)
+        answer = TideChatResponse.from_result(result).model_dump()
+        await exchange.respond(200, orjson.dumps(answer), JSON)
+
+    async def _sse(
+        self,
+        exchange: _Exchange,
+        events: AsyncIterator[bytes],
+        error_event: Callable[[ChatError], bytes],
+    ) -> None:
+        """An event stream, each event sent as it comes. Errors before the first event are
+        ordinary error responses (status and body); after it, an error event then `[DONE]`,
+        never a silently cut stream. A client that goes away cancels the work, which closes
+        the upstream request."""
+        try:
+            await exchange.until_disconnect(self._relay_events(exchange, events, error_event))
+        finally:
+            await events.aclose()  # type: ignore[attr-defined]
+
+    async def _relay_events(
+        self,
+        exchange: _Exchange,
+        events: AsyncIterator[bytes],
+        error_event: Callable[[ChatError], bytes],
+    ) -> None:
+        send = exchange.send
+        try:
+            async for event in events:
+                if not exchange.started:
+                    await exchange.start(200, SSE_HEADERS)
+                await send({"type": "http.response.body", "body": event, "more_body": True})
+        except ChatError as exc:
+            if not exchange.started:
+                raise
+            self._count_upstream_error(exc)
+            await send({"type": "http.response.body", "body": error_event(exc), "more_body": True})
+            await send({"type": "http.response.body", "body": DONE, "more_body": True})
+        if not exchange.started:
+            await exchange.start(200, SSE_HEADERS)
+        await send({"type": "http.response.body", "body": b""})
+
+
+class _Exchange:
+    """One request and its response on the ASGI interface."""
+
+    __slots__ = ("scope", "receive", "send", "state", "started", "_disconnected")
+
+    def __init__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.scope, self.receive, self.send = scope, receive, send
+        self.state: dict[str, Any] = scope["state"]
+        self.started = False
+        self._disconnected = False
+
+    async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        self.started = True
+        await self.send({"type": "http.response.start", "status": status, "headers": headers})
+
+    async def respond(
+        self,
+        status: int,
+        body: bytes,
+        media_type: bytes | None = None,
+        extra: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
+        headers = [(b"content-length", str(len(body)).encode())]
+        if media_type:
+            headers.append((b"content-type", media_type))
+        if extra:
+            headers.extend(extra)
+        await self.start(status, headers)
+        await self.send({"type": "http.response.body", "body": body})
+
+    async def read_json_object(self, limit: int) -> dict[str, Any]:
+        """The body as a JSON object: one parse, with the size capped while it is read."""
+        content_type = length = None
+        for name, value in self.scope["headers"]:
+            if name == b"content-type":
+                content_type = value
+            elif name == b"content-length":
+                length = value
+        if content_type is not None:
+            media = content_type.split(b";", 1)[0].strip().lower().decode("latin-1")
+            if media != "application/json" and not media.endswith("+json"):
+                raise RequestRejected(
+                    415, "Content-Type", f"must be application/json, not {media!r}"
+                )
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise RequestRejected(413, "body", f"larger than the limit of {limit} bytes")
+        raw = b""
+        while True:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnected()
+            raw += message.get("body", b"")
+            if len(raw) > limit:
+                raise RequestRejected(413, "body", f"larger than the limit of {limit} bytes")
+            if not message.get("more_body", False):
+                break
+        if not raw:
+            raise InvalidChatRequest("body", "a JSON object is required")
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            if _not_utf8(raw):
+                raise InvalidChatRequest("body", "is not valid UTF-8") from None
+            raise InvalidChatRequest("body", f"invalid JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise InvalidChatRequest("body", "must be a JSON object")
+        return body
+
+    async def until_disconnect(self, work: Awaitable[T]) -> T:
+        """Run `work` in this task, cancelling it if the client disconnects first (which
+        closes the upstream request, so vLLM aborts the generation). One watcher task, which
+        waits on `receive` (the body has been read, so its next message is the disconnect)."""
+        task = asyncio.current_task()
+        assert task is not None
+        watcher = asyncio.get_running_loop().create_task(self._watch(task))
+        try:
+            result = await work
+        except asyncio.CancelledError:
+            if self._disconnected and task.uncancel() == 0:
+                raise ClientDisconnected() from None
+            raise
+        finally:
+            watcher.cancel()
+        if self._disconnected:  # the work ended anyway; withdraw the watcher's cancellation
+            task.uncancel()
+            raise ClientDisconnected()
+        return result
+
+    async def _watch(self, task: asyncio.Task[Any]) -> None:
+        while (await self.receive())["type"] != "http.disconnect":
+            pass
+        self._disconnected = True
+        task.cancel()
+
+
+def _param_and_kind(exc: ChatError) -> tuple[str | None, str | None]:
+    param = exc.field if isinstance(exc, InvalidChatRequest) else getattr(exc, "param", None)
+    return param, getattr(exc, "kind", None)
+
+
+def _usage_of(raw: bytes) -> tuple[int, int] | None:
+    """Token counts of a relayed answer, for the metrics and the access log, read after its
+    last `"usage": {` key without parsing the whole answer a second time (text inside JSON
+    strings has its quotes escaped, so only a real key matches)."""
+    start = None
+    for start_match in _USAGE.finditer(raw):
+        start = start_match.end()
+    if start is None:
+        return None
+    prompt = _PROMPT_TOKENS.search(raw, start)
+    completion = _COMPLETION_TOKENS.search(raw, start)
+    return (
+        int(prompt.group(1)) if prompt else 0,
+        int(completion.group(1)) if completion else 0,
+    )
+
+
+async def _counted_openai(
+    state: dict[str, Any], events: AsyncIterator[bytes]
+) -> AsyncIterator[bytes]:
+    """vLLM's event blocks unchanged, noting when the first text arrives and the usage."""
+    try:
+        async for event in events:
+            if "first_token_at" not in state and _TEXT_DELTA.search(event):
+                state["first_token_at"] = time.perf_counter()
+            usage = _usage_of(event)
+            if usage is not None:
+                state["usage"] = usage
+            yield event
+    finally:
+        await events.aclose()  # type: ignore[attr-defined]
+
+
+async def _tide_events(
+    state: dict[str, Any], model: str, deltas: AsyncIterator[ChatDelta]
+) -> AsyncIterator[bytes]:
+    """The Tide stream: one event per text delta, in the response's own shape; the last event
+    has empty content, the finish reason and the usage."""
+    request_id = state["request_id"]
+    try:
+        async for delta in deltas:
+            event = {
+                "request_id": request_id,
+                "content": delta.content,
+                "model": model,
+                "usage": None,
+                "finish_reason": delta.finish_reason,
+                "error": None,
+            }
+            if delta.content and "first_token_at" not in state:
+                state["first_token_at"] = time.perf_counter()
+            if delta.usage is not None:
+                u = delta.usage
+                state["usage"] = (u.prompt_tokens, u.completion_tokens)
+                event["usage"] = {
+                    "prompt_tokens": u.prompt_tokens,
+                    "completion_tokens": u.completion_tokens,
+                    "total_tokens": u.total_tokens,
+                }
+            yield b"data: " + orjson.dumps(event) + b"\n\n"
+        yield DONE
+    finally:
+        await deltas.aclose()  # type: ignore[attr-defined]
+
+
+def _openai_error_event(exc: ChatError) -> bytes:
+    return b"data: " + orjson.dumps(openai_error_body(exc)) + b"\n\n"
+
+
+def _tide_error_event(request_id: str, model: str) -> Callable[[ChatError], bytes]:
+    def event(exc: ChatError) -> bytes:
+        body = TideChatResponse.failure(request_id, model, exc.message).model_dump()
+        return b"data: " + orjson.dumps(body) + b"\n\n"
+
+    return event
+
+
+def _not_utf8(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return True
+    return False
+
+
+def parse(model: type[TideChatRequest], body: dict[str, Any]) -> TideChatRequest:
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or "body"
+        message = "unknown field" if first["type"] == "extra_forbidden" else first["msg"]
+        raise InvalidChatRequest(field, message) from None
+
+
+# -- the OpenAPI description of the two routes --------------------------------------------------
+_CHAT_BODY = {
+    "required": True,
+    "content": {
+        "application/json": {
+            "schema": {
+                "oneOf": [
+                    TideChatRequest.model_json_schema(),
+                    {
+                        "title": "OpenAIChatRequest",
+                        "type": "object",
+                        "required": ["messages"],
+                        "properties": {
+                            "messages": {"type": "array", "items": {"type": "object"}},
+                            "model": {"type": "string"},
+                            "stream": {"type": "boolean"},
+                        },
+                        "additionalProperties": True,
+                    },
+                ]
+            }
+        }
+    },
+}
+
+
+def openapi_paths() -> dict[str, Any]:
+    """The two chat routes for the app's OpenAPI schema (they are not FastAPI routes)."""
+    answer = {
+        "200": {
+            "description": "The answer: the Tide shape for `prompt`, vLLM's for `messages`; "
+            "with `stream`, server-sent events",
+            "content": {"application/json": {"schema": TideChatResponse.model_json_schema()}},
+        }
+    }
+    return {
+        path: {
+            "post": {
+                "summary": _SUMMARIES[shape],
+                "operationId": f"chat_{shape}",
+                "requestBody": _CHAT_BODY,
+                "responses": answer,
+            }
+        }
+        for path, shape in CHAT_PATHS.items()
+    }
