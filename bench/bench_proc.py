@@ -17,6 +17,7 @@ from pathlib import Path
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 STUB = BENCH_DIR / "stub_upstream.py"
+REFERENCE = BENCH_DIR / "reference_passthrough.py"
 ENTRY = REPO / "cmd" / "tide-vllm" / "main.py"
 EXIT_CONFIG = 2
 
@@ -185,6 +186,26 @@ def start_gateway(
         code = stop(server)
         if code == EXIT_CONFIG:
             raise ConfigRejected(f"{name}: configuration refused: {log_tail(log, 3)}") from None
+        raise
+    return server
+
+
+def start_reference(python: str, upstream_port: int, workdir: Path) -> Server:
+    """The 20-line FastAPI pass-through (bench/reference_passthrough.py) in front of the stub."""
+    port = free_port()
+    log = workdir / "reference-passthrough.log"
+    proc = subprocess.Popen(
+        [python, str(REFERENCE), "--upstream", f"http://127.0.0.1:{upstream_port}",
+         "--port", str(port)],
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )  # fmt: skip
+    server = Server("reference pass-through", proc, port, log)
+    try:
+        wait_healthy(server, timeout=30)
+    except StartError:
+        stop(server)
         raise
     return server
 

@@ -57,7 +57,7 @@ def _number(value: float | None, unit: str, signed: bool = False) -> str:
 
 
 def table(rows: list[Row]) -> str:
-    head = ("measurement", "direct", "through tide-vllm", "added")
+    head = ("measurement", "direct", "through", "added")
     lines = [
         (
             row.name + (f"  [{row.note}]" if row.note else ""),
@@ -74,7 +74,8 @@ def table(rows: list[Row]) -> str:
         first = cells[0].ljust(widths[0])
         return "  ".join([first, *(c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True))])
 
-    return "\n".join([fmt(head), rule, *(fmt(line) for line in lines)])
+    legend = "direct: straight to the stub; through: via tide-vllm, unless the row names another"
+    return "\n".join([legend, "", fmt(head), rule, *(fmt(line) for line in lines)])
 
 
 # -- the machine ------------------------------------------------------------------------------

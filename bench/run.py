@@ -55,6 +55,7 @@ from bench_proc import (
     pin_self,
     raise_fd_limit,
     start_gateway,
+    start_reference,
     start_stub,
     status_kb,
     stop,
@@ -268,6 +269,40 @@ def throughput_rows(bench: Bench, connections: int, runs: dict[str, WrkResult]) 
             bench.add(Row(f"errors, {label}", "", direct_errors, errors, "count"))
 
 
+def measure_reference(bench: Bench) -> None:
+    """The 20-line FastAPI pass-through of FIELD-NOTES (bench/reference_passthrough.py) under
+    the same loads as tide-vllm, OpenAI shape: the floor a FastAPI app starts from, measured
+    in this run so that a slow or busy machine shows in both."""
+    place = bench.place
+    reference = start_reference(bench.python, bench.stub.port, bench.workdir)
+    raw: dict[str, Any] = {}
+    label = "20-line FastAPI pass-through"
+    try:
+        print(f"{label}, for reference (machine busy without us: {background_cpu():.0f}%)")
+        url, body = reference.url + OPENAI_PATH, openai_body(8)
+        pin(bench.stub.pid, place.one_core)
+        pin(reference.pid, place.one_core)
+        direct = wrk(bench, bench.stub.url + OPENAI_PATH, body, 1, place.one_core)
+        through = wrk(bench, url, body, 1, place.one_core)
+        raw["1"] = {"direct": asdict(direct), "reference": asdict(through)}
+        for pct in ("p50", "p99"):
+            values = getattr(direct, f"{pct}_ms"), getattr(through, f"{pct}_ms")
+            bench.add(Row(f"latency {pct}, 1 conn, one core, {label}", "ms", *values))
+        pin(bench.stub.pid, place.stub)
+        pin(reference.pid, place.gateway)
+        for connections in (32, 256):
+            direct = wrk(bench, bench.stub.url + OPENAI_PATH, body, connections, place.load_direct)
+            through = wrk(bench, url, body, connections, place.load_through)
+            raw[str(connections)] = {"direct": asdict(direct), "reference": asdict(through)}
+            rps = (direct.rps, through.rps)
+            bench.add(Row(f"throughput, {connections} conns, {label}", "req/s", *rps, "throughput"))
+            p99 = (direct.p99_ms, through.p99_ms)
+            bench.add(Row(f"latency p99, {connections} conns, {label}", "ms", *p99))
+    finally:
+        stop(reference)
+    bench.raw["reference"] = raw
+
+
 # -- streaming --------------------------------------------------------------------------------
 def stream_targets(bench: Bench, chunks: int) -> dict[str, tuple[str, bytes]]:
     return {
@@ -455,6 +490,7 @@ PHASES: dict[str, Callable[[Bench], None]] = {
     "throughput": measure_throughput,
     "streaming": measure_streaming,
     "streams": measure_many_streams,
+    "reference": measure_reference,
 }
 
 
