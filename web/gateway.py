@@ -8,9 +8,9 @@ from __future__ import annotations
 import contextvars
 import hmac
 import logging
+import os
 import re
 import time
-import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,6 +33,12 @@ KNOWN_ROUTES = frozenset(
      "/openapi.json"}
 )  # fmt: skip
 SHUTTING_DOWN = "tide-vllm is shutting down"
+
+
+def new_request_id() -> str:
+    """A random UUID4 as text, as `str(uuid.uuid4())` makes it, in half the time."""
+    h = os.urandom(16).hex()
+    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:]}"
 
 
 def valid_request_id(value: Any) -> str | None:
@@ -96,7 +102,7 @@ class GatewayMiddleware:
         path: str = scope["path"]
         headers = dict(scope["headers"])
         state: dict[str, Any] = scope.setdefault("state", {})
-        request_id = valid_request_id(_decode(headers.get(b"x-request-id"))) or str(uuid.uuid4())
+        request_id = valid_request_id(_decode(headers.get(b"x-request-id"))) or new_request_id()
         state["request_id"] = request_id
         state["started"] = started
         token = REQUEST_ID.set(request_id)
@@ -165,8 +171,7 @@ class GatewayMiddleware:
         route = path if path in KNOWN_ROUTES else "other"
         shape = state.get("shape", "-")
         m = self.metrics
-        m.requests.labels(route, shape, str(status)).inc()
-        m.latency.labels(route, shape).observe(took)
+        m.observe_request(route, shape, status, took)
         usage = state.get("usage")
         if usage:
             m.prompt_tokens.labels(shape).inc(usage[0])
@@ -176,27 +181,33 @@ class GatewayMiddleware:
             m.ttft.labels(shape).observe(first_token - state["started"])
         if route in OPEN_PATHS or route == "/metrics":
             return  # probes and scrapes every few seconds would drown the access log
-        access_log.info(
+        if not access_log.isEnabledFor(logging.INFO):
+            return
+        method = scope["method"]
+        prompt, completion = usage if usage else (None, None)
+        model = state.get("model")
+        # Logger.info would also look up the caller's file and line, which no line shows.
+        record = access_log.makeRecord(
+            access_log.name,
+            logging.INFO,
+            "",
+            0,
             "%s %s %d %.1fms shape=%s model=%s prompt_tokens=%s completion_tokens=%s",
-            scope["method"],
-            path,
-            status,
-            took * 1000,
-            shape,
-            state.get("model", "-"),
-            usage[0] if usage else "-",
-            usage[1] if usage else "-",
+            (method, path, status, took * 1000, shape, model or "-",
+             "-" if prompt is None else prompt, "-" if completion is None else completion),
+            None,
             extra={
-                "method": scope["method"],
+                "method": method,
                 "path": path,
                 "status": status,
                 "duration_ms": round(took * 1000, 3),
                 "shape": shape,
-                "model": state.get("model"),
-                "prompt_tokens": usage[0] if usage else None,
-                "completion_tokens": usage[1] if usage else None,
+                "model": model,
+                "prompt_tokens": prompt,
+                "completion_tokens": completion,
             },
-        )
+        )  # fmt: skip
+        access_log.handle(record)
 
 
 def _decode(value: bytes | None) -> str | None:

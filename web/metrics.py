@@ -42,6 +42,7 @@ class _EngineCollector(Collector):
 
 class Metrics:
     def __init__(self) -> None:
+        self._children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
@@ -76,6 +77,19 @@ class Metrics:
         self.upstream_errors = Counter(
             "tide_vllm_upstream_errors", "Failed calls to vLLM by kind", ["kind"], registry=r
         )
+
+    def observe_request(self, route: str, shape: str, status: int, took: float) -> None:
+        """One answered request; the labelled children are looked up once per label set."""
+        key = (route, shape, status)
+        children = self._children.get(key)
+        if children is None:
+            children = (
+                self.requests.labels(route, shape, str(status)),
+                self.latency.labels(route, shape),
+            )
+            self._children[key] = children
+        children[0].inc()
+        children[1].observe(took)
 
     def watch_engine(self, up: Callable[[], bool], restarts: Callable[[], int]) -> None:
         self._engine = _EngineCollector(up, restarts)
