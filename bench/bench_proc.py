@@ -148,14 +148,16 @@ def start_stub(python: str, workdir: Path) -> Server:
 
 
 # -- tide-vllm --------------------------------------------------------------------------------
-def gateway_config(port: int, upstream_port: int, workers: int | None) -> str:
+def gateway_config(
+    port: int, upstream_port: int, workers: int | None, log_level: str = "WARNING"
+) -> str:
     web = f"{{bind_address: {{host: 127.0.0.1, port: {port}}}"
     web += f", workers: {workers}}}" if workers else "}"
     return (
         f"web: {web}\n"
         f"vllm: {{auto_start: false, host: 127.0.0.1, port: {upstream_port}, "
         "model_name: bench-model, timeout: 60}\n"
-        "log: {level: WARNING}\n"
+        f"log: {{level: {log_level}}}\n"
     )
 
 
@@ -165,12 +167,13 @@ def start_gateway(
     workdir: Path,
     workers: int | None = None,
     name: str = "tide-vllm",
+    log_level: str = "WARNING",
 ) -> Server:
     """tide-vllm in manual mode in front of the stub; returns once GET /health is 200."""
     port = free_port()
     name = "".join(c if c.isalnum() else "-" for c in name)
     config = workdir / f"{name}.yaml"
-    config.write_text(gateway_config(port, upstream_port, workers))
+    config.write_text(gateway_config(port, upstream_port, workers, log_level))
     log = workdir / f"{name}.log"
     proc = subprocess.Popen(
         [python, str(ENTRY), "-c", str(config)],

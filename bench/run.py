@@ -119,6 +119,7 @@ class Settings:
     streams: int
     stream_delay: float
     paced_delay: float
+    log_level: str
 
 
 @dataclass
@@ -170,7 +171,12 @@ class Bench:
         or backlog; and a look at how busy the machine is without us."""
         self.stop_gateway()
         self.gateway = start_gateway(
-            self.python, self.stub.port, self.workdir, workers=workers, name=name
+            self.python,
+            self.stub.port,
+            self.workdir,
+            workers=workers,
+            name=name,
+            log_level=self.settings.log_level,
         )
         busy = background_cpu()
         self.background[name] = round(busy, 1)
@@ -515,6 +521,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--streams", type=int, default=1000, help="concurrent streams (default 1000)")
     add("--stream-delay", type=float, default=0.02, help="s between chunks, concurrent streams")
     add("--paced-delay", type=float, default=0.001, help="s between chunks, chunk latency run")
+    add(
+        "--log-level",
+        default="WARNING",
+        choices=["DEBUG", "INFO", "WARNING"],
+        help="tide-vllm's log.level (INFO: with its access log, one line per request; "
+        "default WARNING)",
+    )
     add("--workers", type=int, help="also measure throughput with web.workers: N")
     add("--wait-quiet", type=float, default=30, help="s to wait for other work to end first")
     add("--only", nargs="+", choices=list(PHASES), default=list(PHASES), help="these phases")
@@ -613,6 +626,7 @@ def main(argv: list[str] | None = None) -> int:
         args.streams,
         args.stream_delay,
         args.paced_delay,
+        args.log_level,
     )
     wait_quiet(args.wait_quiet)
     started = time.monotonic()
