@@ -35,7 +35,7 @@ COMPLETION = {
 
 @pytest.fixture
 async def client():
-    # httpx's own transport, which respx intercepts (the default is httpx-aiohttp's).
+    # httpx's own transport, which respx intercepts (the default is Http11Transport).
     c = VLLMClient(BASE, timeout=0.5, transport=httpx.AsyncHTTPTransport())
     yield c
     await c.aclose()

@@ -110,7 +110,7 @@ def worker_main(
     (manual mode: the worker asks vLLM itself)."""
     _die_with_parent()
     from .plugin_logs import configure_logging
-    from .plugin_web_handler import build_app_for
+    from .plugin_web_handler import build_app_for, freeze_startup_objects
 
     configure_logging(config.log.level, config.log.format)
     monitor = SharedMonitor(engine) if isinstance(engine, SharedEngineState) else engine
@@ -124,6 +124,7 @@ def worker_main(
             timeout_graceful_shutdown=int(config.web.shutdown_grace) or None,
         )
     )
+    freeze_startup_objects()
     server.run(sockets=[sock])
 
 
