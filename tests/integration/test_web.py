@@ -187,3 +187,22 @@ async def test_an_unknown_route_is_a_json_404(harness):
     r = await harness.http.get("/nope")
     assert r.status_code == 404
     assert r.json()["error"]["code"] == 404
+
+
+@pytest.mark.parametrize("path", PATHS)
+async def test_another_method_on_a_chat_path_is_a_405_saying_use_post(harness, path):
+    r = await harness.http.get(path)
+    assert r.status_code == 405
+    assert r.headers["allow"] == "POST"
+    error = r.json()["error"]  # the spec's shape on its path, OpenAI's on /v1
+    message = error if path == "/chat/completions" else error["message"]
+    assert "GET" in message and "POST" in message
+    assert r.headers["x-request-id"]
+
+
+async def test_the_openapi_schema_documents_both_chat_routes(harness):
+    paths = (await harness.http.get("/openapi.json")).json()["paths"]
+    for path in PATHS:
+        body = paths[path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        titles = {option.get("title") for option in body["oneOf"]}
+        assert titles == {"TideChatRequest", "OpenAIChatRequest"}
