@@ -330,7 +330,9 @@ def summary(result: SequentialResult) -> dict[str, Any]:
 
 
 def measure_streaming(bench: Bench) -> None:
-    """One stream after another on one connection, every process on one core."""
+    """One stream after another on one connection, every process on one core; then the time
+    to first token again unpinned (on one core the client's own work, ~0.6 ms a stream for
+    aiohttp here, competes with tide-vllm's; unpinned, wake-ups cross cores instead)."""
     s, place = bench.settings, bench.place
     bench.new_phase(f"streaming, {s.chunks} chunks, one stream at a time (aiohttp)")
     bench.place_servers(place.one_core, place.one_core)
@@ -345,6 +347,17 @@ def measure_streaming(bench: Bench) -> None:
             }
             raw[mode] = {name: summary(result) for name, result in runs.items()}
             stream_rows(bench, mode, delay, raw[mode])
+        pin_self(place.every)
+        bench.place_servers(place.every, place.every)
+        asyncio.run(set_chunk_delay(bench.stub.url, s.paced_delay))
+        unpinned = {
+            name: summary(asyncio.run(sequential_streams(url, body, s.stream_seconds)))
+            for name, (url, body) in stream_targets(bench, s.chunks).items()
+        }
+        raw["paced_unpinned"] = unpinned
+        for shape, shown in (("openai", "OpenAI"), ("tide", "Tide")):
+            values = (unpinned["direct"]["ttft_p50_ms"], unpinned[shape]["ttft_p50_ms"])
+            bench.add(Row(f"stream time to first token p50, unpinned, {shown}", "ms", *values))
     finally:
         pin_self(place.every)
         asyncio.run(set_chunk_delay(bench.stub.url, 0.0))
