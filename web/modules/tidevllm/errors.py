@@ -1,4 +1,5 @@
-"""Errors become HTTP here, in handlers registered once on the app.
+"""Errors become HTTP here: the error bodies, and the handlers registered once on the app for
+the routes FastAPI serves (the chat endpoint, chat.py, uses the same bodies itself).
 
 A Tide request gets the spec's response shape with the message in `error`; anything else gets
 OpenAI's `{"error": {"message", "type", "param", "code"}}`. No response carries a traceback.
@@ -35,11 +36,11 @@ CLIENT_CLOSED_REQUEST = 499  # nginx's code; nobody reads the response, the acce
 
 
 class ClientDisconnected(Exception):
-    """The client went away before its answer was ready; the work was cancelled."""
+    """The client went away before its answer was ready; the work was cancelled (chat.py)."""
 
 
 class RequestRejected(Exception):
-    """A request refused before it is read as a chat (size, media type)."""
+    """A chat request refused before it is read as a chat: size, media type, method (chat.py)."""
 
     def __init__(self, status: int, param: str, message: str) -> None:
         super().__init__(message)
@@ -164,11 +165,6 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(request, exc.status_code, str(exc.detail))
 
 
-async def _rejected(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, RequestRejected)
-    return error_response(request, exc.status, f"{exc.param}: {exc.message}", param=exc.param)
-
-
 async def _client_disconnected(request: Request, exc: Exception) -> Response:
     return Response(status_code=CLIENT_CLOSED_REQUEST)
 
@@ -180,9 +176,7 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ChatError, _chat_error)
-    app.add_exception_handler(ClientDisconnected, _client_disconnected)
     app.add_exception_handler(ClientDisconnect, _client_disconnected)  # left mid-body
-    app.add_exception_handler(RequestRejected, _rejected)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)
