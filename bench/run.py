@@ -234,17 +234,32 @@ def latency_rows(bench: Bench, label: str, runs: dict[str, WrkResult]) -> None:
 
 
 def measure_latency(bench: Bench) -> None:
-    """1 connection: every process on one core, then unpinned."""
+    """1 connection: every process on one core, then unpinned. On one core also a whole
+    one-token stream with wrk (a C client): an upper bound of the time to first token that the
+    client's own work does not inflate, as a Python client's does."""
     place = bench.place
     bench.new_phase("latency at 1 connection (wrk)")
     bench.place_servers(place.one_core, place.one_core)
     one_core = wrk_trio(bench, 1, place.one_core, place.one_core)
     latency_rows(bench, "one core", one_core)
+    streams = {
+        "direct": (bench.stub.url + OPENAI_PATH, openai_body(1, stream=True)),
+        "openai": (bench.gateway.url + OPENAI_PATH, openai_body(1, stream=True)),
+        "tide": (bench.gateway.url + TIDE_PATH, tide_body(1, stream=True)),
+    }
+    one_token = {
+        name: wrk(bench, url, body, 1, place.one_core) for name, (url, body) in streams.items()
+    }
+    for shape, shown in (("openai", "OpenAI"), ("tide", "Tide")):
+        values = (one_token["direct"].p50_ms, one_token[shape].p50_ms)
+        name = f"stream of 1 token, whole p50, 1 conn, one core (wrk), {shown}"
+        bench.add(Row(name, "ms", *values, note="≥ time to first token"))
     bench.place_servers(place.every, place.every)
     unpinned = wrk_trio(bench, 1, None, None)
     latency_rows(bench, "unpinned", unpinned)
     bench.raw["latency"] = {
         "one_core": {k: asdict(v) for k, v in one_core.items()},
+        "one_token_stream": {k: asdict(v) for k, v in one_token.items()},
         "unpinned": {k: asdict(v) for k, v in unpinned.items()},
     }
 

@@ -32,11 +32,13 @@ class Recorder:
     bodies: list[dict[str, Any]] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
     abandoned: list[float] = field(default_factory=list)  # monotonic time of each abandonment
+    peers: list[tuple[str, int]] = field(default_factory=list)  # the client's address, each request
 
     def clear(self) -> None:
         self.bodies.clear()
         self.headers.clear()
         self.abandoned.clear()
+        self.peers.clear()
 
 
 def completion(body: dict[str, Any]) -> dict[str, Any]:
@@ -126,6 +128,8 @@ def build_upstream(recorder: Recorder) -> Starlette:
         body = await request.json()
         recorder.bodies.append(body)
         recorder.headers.append(dict(request.headers))
+        if request.client is not None:
+            recorder.peers.append((request.client.host, request.client.port))
         if body.get("model") != MODEL:
             return error(
                 404, f"The model `{body.get('model')}` does not exist.", "NotFoundError", "model"
@@ -192,6 +196,8 @@ def build_upstream(recorder: Recorder) -> Starlette:
                 }
                 yield b"data: " + json.dumps(usage).encode() + b"\n\n"
             yield b"data: [DONE]\n\n"
+            if last == "lingering end":  # the body's end comes a moment after [DONE]
+                await asyncio.sleep(0.1)
             finished = True
         finally:
             if not finished:

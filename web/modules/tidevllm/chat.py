@@ -209,17 +209,27 @@ class ChatEndpoint:
         error_event: Callable[[ChatError], bytes],
     ) -> None:
         send = exchange.send
+        ended = False  # `data: [DONE]` went out as the body's last part
         try:
             async for event in events:
+                if ended:
+                    continue  # nothing follows [DONE]; read on so the connection can be reused
                 if not exchange.started:
                     await exchange.start(200, SSE_HEADERS)
-                await send({"type": "http.response.body", "body": event, "more_body": True})
+                # The block ending in [DONE] also ends the body: one write fewer per stream.
+                ended = exchange.completed = event.endswith(DONE)
+                await send({"type": "http.response.body", "body": event, "more_body": not ended})
         except ChatError as exc:
             if not exchange.started:
                 raise
+            if ended:
+                return
             self._count_upstream_error(exc)
             await send({"type": "http.response.body", "body": error_event(exc), "more_body": True})
-            await send({"type": "http.response.body", "body": DONE, "more_body": True})
+            await send({"type": "http.response.body", "body": DONE})
+            return
+        if ended:
+            return
         if not exchange.started:
             await exchange.start(200, SSE_HEADERS)
         await send({"type": "http.response.body", "body": b""})
@@ -228,12 +238,13 @@ class ChatEndpoint:
 class _Exchange:
     """One request and its response on the ASGI interface."""
 
-    __slots__ = ("scope", "receive", "send", "state", "started", "_disconnected")
+    __slots__ = ("scope", "receive", "send", "state", "started", "completed", "_disconnected")
 
     def __init__(self, scope: Scope, receive: Receive, send: Send) -> None:
         self.scope, self.receive, self.send = scope, receive, send
         self.state: dict[str, Any] = scope["state"]
         self.started = False
+        self.completed = False  # the response's last part was sent (receive now says disconnect)
         self._disconnected = False
 
     async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
@@ -316,6 +327,8 @@ class _Exchange:
     async def _watch(self, task: asyncio.Task[Any]) -> None:
         while (await self.receive())["type"] != "http.disconnect":
             pass
+        if self.completed:
+            return
         self._disconnected = True
         task.cancel()
 
