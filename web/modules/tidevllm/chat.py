@@ -375,7 +375,8 @@ async def _tide_events(
     state: dict[str, Any], model: str, deltas: AsyncIterator[ChatDelta]
 ) -> AsyncIterator[bytes]:
     """The Tide stream: one event per text delta, in the response's own shape; the last event
-    has empty content, the finish reason and the usage."""
+    has empty content, the finish reason and the usage, and goes out with `[DONE]` in one
+    write (text deltas never carry a finish reason or usage)."""
     request_id = state["request_id"]
     try:
         async for delta in deltas:
@@ -397,7 +398,11 @@ async def _tide_events(
                     "completion_tokens": u.completion_tokens,
                     "total_tokens": u.total_tokens,
                 }
-            yield b"data: " + orjson.dumps(event) + b"\n\n"
+            data = b"data: " + orjson.dumps(event) + b"\n\n"
+            if delta.finish_reason is not None or delta.usage is not None:
+                yield data + DONE
+                return
+            yield data
         yield DONE
     finally:
         await deltas.aclose()  # type: ignore[attr-defined]
