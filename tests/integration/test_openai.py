@@ -16,6 +16,7 @@ from tests.helpers import free_port
 from tide_vllm.domain.chat.factory import ChatDefaults
 from tide_vllm.provider.provider import ProviderSettings
 from tide_vllm_cmd.app.options.plugin_web_handler import build_app
+from web.modules.tidevllm import chat as chat_endpoint
 
 HI = [{"role": "user", "content": "hi"}]
 
@@ -300,6 +301,27 @@ def test_an_upstream_that_dies_mid_stream_gives_an_error_event_then_done():
     error = json.loads(events[-2][6:])["error"]
     assert error["code"] == 503 and "lost the connection" in error["message"]
     assert events[-1] == "data: [DONE]"
+
+
+def test_a_bug_of_ours_mid_stream_still_ends_it_with_an_error_event_then_done(tide, monkeypatch):
+    counted = chat_endpoint._usage_of
+
+    def bug(raw: bytes):
+        if b" w3" in raw:
+            raise RuntimeError("a bug in tide-vllm")
+        return counted(raw)
+
+    monkeypatch.setattr(chat_endpoint, "_usage_of", bug)
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "slow"}], "stream": True}
+    with httpx.stream("POST", tide.url + "/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200
+        text = r.read().decode()
+    events = [line for line in text.splitlines() if line.startswith("data: ")]
+    assert (
+        json.loads(events[-2][6:])["error"]["message"] == "internal error in tide-vllm; see its log"
+    )
+    assert events[-1] == "data: [DONE]"
+    assert "Traceback" not in text and "a bug" not in text
 
 
 class _BrokenStreamUpstream:

@@ -64,7 +64,8 @@ errors_log = logging.getLogger("tide_vllm.web")
 
 
 class ChatEndpoint:
-    """ASGI app for the chat paths. `provider` is set by the app's lifespan; the request's
+    """ASGI app for the chat paths. `application` and `default_model` are set by the app's
+    lifespan; the request's
     `scope["state"]` (from the gateway) carries its id and collects what the access log and
     the metrics report: shape, model, usage, time of the first token."""
 
@@ -219,12 +220,16 @@ class ChatEndpoint:
                 # The block ending in [DONE] also ends the body: one write fewer per stream.
                 ended = exchange.completed = event.endswith(DONE)
                 await send({"type": "http.response.body", "body": event, "more_body": not ended})
-        except ChatError as exc:
+        except Exception as exc:
             if not exchange.started:
                 raise
             if ended:
                 return
-            self._count_upstream_error(exc)
+            if isinstance(exc, ChatError):
+                self._count_upstream_error(exc)
+            else:  # never a silently cut stream, even for a bug of ours
+                errors_log.exception("unexpected error in a stream on %s", exchange.scope["path"])
+                exc = ChatError("internal error in tide-vllm; see its log")
             await send({"type": "http.response.body", "body": error_event(exc), "more_body": True})
             await send({"type": "http.response.body", "body": DONE})
             return
