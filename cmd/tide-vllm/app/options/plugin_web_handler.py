@@ -192,6 +192,7 @@ class WebHandlerPlugin:
                 port=bind.port,
                 log_config=None,
                 lifespan="on",
+                proxy_headers=False,  # no client address is used: X-Forwarded-For is not read
                 access_log=False,  # the gateway writes its own access line
                 timeout_graceful_shutdown=2,  # requests were drained before (stop)
             )

@@ -120,6 +120,7 @@ def worker_main(
             app,
             log_config=None,
             lifespan="on",
+            proxy_headers=False,  # no client address is used: X-Forwarded-For is not read
             access_log=False,
             timeout_graceful_shutdown=int(config.web.shutdown_grace) or None,
         )
