@@ -25,7 +25,7 @@ from tide_vllm.domain.chat.entity import (
 )
 from tide_vllm.domain.chat.repository import ChatRepository
 
-from .vllm_client import VLLMClient
+from .vllm_client import Reply, VLLMClient
 
 EVENT_END = b"\n\n"
 
@@ -96,7 +96,7 @@ class VLLMChatRepository(ChatRepository):
         return response.content
 
     # -- transport ------------------------------------------------------------------------
-    async def _post(self, payload: Mapping[str, Any], request_id: str) -> httpx.Response:
+    async def _post(self, payload: Mapping[str, Any], request_id: str) -> Reply:
         with _translated(self.client):
             response = await self.client.chat_completions(payload, request_id)
         if response.status_code >= 400:
