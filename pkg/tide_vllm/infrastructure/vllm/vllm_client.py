@@ -55,8 +55,10 @@ class VLLMClient:
         # once: AsyncClient's per-request work (URL merging, cookies, auth and redirect
         # handling) was a sixth of the gateway's CPU time per request, and none is needed.
         self._chat_url = httpx.URL(base_url.rstrip("/") + "/v1/chat/completions")
-        self._chat_headers = [(b"content-type", b"application/json")] + [
-            (k.lower().encode(), v.encode()) for k, v in headers.items()
+        self._chat_headers = [
+            (b"host", self._chat_url.netloc),
+            (b"content-type", b"application/json"),
+            *((k.lower().encode(), v.encode()) for k, v in headers.items()),
         ]
         connect = min(connect_timeout, timeout)
         self._chat_extensions = {
@@ -64,13 +66,22 @@ class VLLMClient:
         }
 
     def _chat_request(self, payload: Mapping[str, Any], request_id: str) -> httpx.Request:
-        return httpx.Request(
+        """Every header given, the body as a stream read at once: httpx's own encoding of a
+        `content=` body (length, host, stream) took three times as long (~30 µs vs ~9)."""
+        body = orjson.dumps(payload)
+        request = httpx.Request(
             "POST",
             self._chat_url,
-            headers=[*self._chat_headers, (b"x-request-id", request_id.encode())],
-            content=orjson.dumps(payload),
+            headers=[
+                *self._chat_headers,
+                (b"x-request-id", request_id.encode()),
+                (b"content-length", b"%d" % len(body)),
+            ],
+            stream=httpx.ByteStream(body),
             extensions=self._chat_extensions,
         )
+        request.read()
+        return request
 
     async def chat_completions(self, payload: Mapping[str, Any], request_id: str) -> Reply:
         """The whole answer. Its body is taken from the transport's stream as it came: vLLM
