@@ -36,10 +36,11 @@ from .errors import (
     TIDE_SHAPE,
     ClientDisconnected,
     RequestRejected,
+    count_upstream_error,
     error_body,
     openai_error_body,
+    param_and_kind,
     status_of,
-    upstream_error_kind,
 )
 from .schemas import TideChatRequest, TideChatResponse
 
@@ -90,11 +91,11 @@ class ChatEndpoint:
             if not exchange.started:
                 await exchange.respond(CLIENT_CLOSED_REQUEST, b"")
         except ChatError as exc:
-            self._count_upstream_error(exc)
+            count_upstream_error(self.metrics, exc)
             status = status_of(exc)
             if status >= 500:
                 errors_log.warning("POST %s -> %d: %s", scope["path"], status, exc.message)
-            await self._error(exchange, status, exc.message, *_param_and_kind(exc))
+            await self._error(exchange, status, exc.message, *param_and_kind(exc))
         except RequestRejected as exc:
             extra = [(b"allow", b"POST")] if exc.status == 405 else []
             message = f"{exc.param}: {exc.message}"
@@ -119,11 +120,6 @@ class ChatEndpoint:
             state["shape"], status, message, param, kind, state["request_id"], self.default_model
         )
         await exchange.respond(status, orjson.dumps(body), JSON, extra)
-
-    def _count_upstream_error(self, exc: ChatError) -> None:
-        kind = upstream_error_kind(exc)
-        if kind:
-            self.metrics.upstream_errors.labels(kind).inc()
 
     # -- the request ----------------------------------------------------------------------
     async def _chat(self, exchange: _Exchange, app: Application) -> None:
@@ -226,7 +222,7 @@ class ChatEndpoint:
             if ended:
                 return
             if isinstance(exc, ChatError):
-                self._count_upstream_error(exc)
+                count_upstream_error(self.metrics, exc)
             else:  # never a silently cut stream, even for a bug of ours
                 errors_log.exception("unexpected error in a stream on %s", exchange.scope["path"])
                 exc = ChatError("internal error in tide-vllm; see its log")
@@ -336,11 +332,6 @@ class _Exchange:
             return
         self._disconnected = True
         task.cancel()
-
-
-def _param_and_kind(exc: ChatError) -> tuple[str | None, str | None]:
-    param = exc.field if isinstance(exc, InvalidChatRequest) else getattr(exc, "param", None)
-    return param, getattr(exc, "kind", None)
 
 
 def _usage_of(raw: bytes) -> tuple[int, int] | None:

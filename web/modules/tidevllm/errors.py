@@ -25,6 +25,7 @@ from tide_vllm.domain.chat.entity import (
     EngineUnavailable,
     InvalidChatRequest,
 )
+from web.metrics import Metrics
 
 from .schemas import TideChatResponse
 
@@ -73,11 +74,15 @@ def _openai_type(status: int) -> str:
     }.get(status, "InternalServerError" if status >= 500 else "BadRequestError")
 
 
-def openai_error_body(exc: ChatError) -> dict[str, Any]:
-    status = status_of(exc)
+def param_and_kind(exc: ChatError) -> tuple[str | None, str | None]:
+    """The field an error is about, and vLLM's own error type when it rejected the request."""
     param = exc.field if isinstance(exc, InvalidChatRequest) else getattr(exc, "param", None)
     kind = exc.kind if isinstance(exc, EngineRejected) else None
-    return _openai_body(status, exc.message, param, kind)
+    return param, kind
+
+
+def openai_error_body(exc: ChatError) -> dict[str, Any]:
+    return _openai_body(status_of(exc), exc.message, *param_and_kind(exc))
 
 
 def _openai_body(status: int, message: str, param: str | None, kind: str | None) -> dict[str, Any]:
@@ -132,24 +137,21 @@ _UPSTREAM_KINDS = (
 )
 
 
-def upstream_error_kind(exc: ChatError) -> str | None:
-    """The label of tide_vllm_upstream_errors_total for an error of the call to vLLM."""
+def count_upstream_error(metrics: Metrics, exc: ChatError) -> None:
+    """tide_vllm_upstream_errors_total{kind}, for an error of the call to vLLM."""
     for cls, kind in _UPSTREAM_KINDS:
         if isinstance(exc, cls):
-            return kind
-    return None
+            metrics.upstream_errors.labels(kind).inc()
+            return
 
 
 async def _chat_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ChatError)
-    kind_label = upstream_error_kind(exc)
-    if kind_label:
-        request.app.state.metrics.upstream_errors.labels(kind_label).inc()
+    count_upstream_error(request.app.state.metrics, exc)
     status = status_of(exc)
     if status >= 500:
         log.warning("%s %s -> %d: %s", request.method, request.url.path, status, exc.message)
-    param = exc.field if isinstance(exc, InvalidChatRequest) else getattr(exc, "param", None)
-    kind = exc.kind if isinstance(exc, EngineRejected) else None
+    param, kind = param_and_kind(exc)
     return error_response(request, status, exc.message, param=param, kind=kind)
 
 

@@ -86,8 +86,6 @@ def build_app(
         version="0.1.0",
         lifespan=lifespan,
     )
-    app.state.max_body_bytes = max_body_bytes
-    app.state.log_prompts = log_prompts
     app.state.metrics = metrics
     app.state.lifecycle = Lifecycle()
     app.include_router(router)
