@@ -93,6 +93,9 @@ class GatewayMiddleware:
         self.metrics = metrics
         self.api_keys = api_keys
         self.max_chats = max_concurrent_requests
+        # One process: the gauge reads the count when scraped. Several workers: each pushes
+        # its own into the shared files, summed when scraped.
+        self._push_in_flight = not metrics.read_in_flight(lambda: lifecycle.in_flight)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -114,28 +117,35 @@ class GatewayMiddleware:
                 status = refusal[0]
                 await _send_error(send, path, request_id, *refusal)
                 return
-
-            async def send_with_id(message: Message) -> None:
-                nonlocal status
-                if message["type"] == "http.response.start":
-                    status = message["status"]
-                    message["headers"] = [
-                        *message.get("headers", ()),
-                        (b"x-request-id", state["request_id"].encode()),
-                    ]
-                await send(message)
-
-            self.lifecycle.in_flight += 1
-            self.metrics.in_flight.inc()
-            if is_chat:
-                self.lifecycle.chats_in_flight += 1
+            lifecycle = self.lifecycle
+            lifecycle.in_flight += 1
+            if self._push_in_flight:
+                self.metrics.in_flight.inc()
             try:
-                await (self.chat if is_chat else self.app)(scope, receive, send_with_id)
+                if is_chat:  # the chat endpoint adds the id and notes the status itself
+                    lifecycle.chats_in_flight += 1
+                    try:
+                        await self.chat(scope, receive, send)
+                    finally:
+                        lifecycle.chats_in_flight -= 1
+                        status = state.get("status", 500)
+                else:
+
+                    async def send_with_id(message: Message) -> None:
+                        nonlocal status
+                        if message["type"] == "http.response.start":
+                            status = message["status"]
+                            message["headers"] = [
+                                *message.get("headers", ()),
+                                (b"x-request-id", state["request_id"].encode()),
+                            ]
+                        await send(message)
+
+                    await self.app(scope, receive, send_with_id)
             finally:
-                self.lifecycle.in_flight -= 1
-                self.metrics.in_flight.dec()
-                if is_chat:
-                    self.lifecycle.chats_in_flight -= 1
+                lifecycle.in_flight -= 1
+                if self._push_in_flight:
+                    self.metrics.in_flight.dec()
         finally:
             self._account(scope, state, status, time.perf_counter() - started)
             REQUEST_ID.reset(token)

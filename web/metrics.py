@@ -91,6 +91,14 @@ class Metrics:
         children[0].inc()
         children[1].observe(took)
 
+    def read_in_flight(self, count: Callable[[], int]) -> bool:
+        """Let the in-flight gauge read `count` when scraped (nothing to do per request);
+        False with several workers, whose gauges must be pushed (multiprocess mode)."""
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            return False
+        self.in_flight.set_function(count)
+        return True
+
     def watch_engine(self, up: Callable[[], bool], restarts: Callable[[], int]) -> None:
         self._engine = _EngineCollector(up, restarts)
         self.registry.register(self._engine)
