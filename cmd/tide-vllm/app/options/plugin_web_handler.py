@@ -24,6 +24,7 @@ from web.modules.tidevllm.chat import ChatEndpoint, openapi_paths
 from web.modules.tidevllm.controller import router
 from web.modules.tidevllm.errors import install_error_handlers
 
+from .http_protocol import GatheringHttpToolsProtocol
 from .options import Config
 from .workers import WorkerPool
 
@@ -149,6 +150,19 @@ def freeze_startup_objects() -> None:
     gc.freeze()
 
 
+def server_config(app: ASGIApp, **settings: Any) -> uvicorn.Config:
+    """uvicorn's settings, for one process or each worker."""
+    return uvicorn.Config(
+        app,
+        log_config=None,
+        lifespan="on",
+        http=GatheringHttpToolsProtocol,  # the writes of one loop turn in one packet
+        proxy_headers=False,  # no client address is used: X-Forwarded-For is not read
+        access_log=False,  # the gateway writes its own access line
+        **settings,
+    )
+
+
 class _Server(uvicorn.Server):
     """uvicorn without its own signal handling: the bootstrap owns SIGTERM/SIGINT, so a clean
     stop exits 0 (uvicorn would re-raise the signal after its shutdown)."""
@@ -184,14 +198,10 @@ class WebHandlerPlugin:
         self.lifecycle = app.state.lifecycle
         bind = config.web.bind_address
         self.server = _Server(
-            uvicorn.Config(
+            server_config(
                 app,
                 host=bind.host,
                 port=bind.port,
-                log_config=None,
-                lifespan="on",
-                proxy_headers=False,  # no client address is used: X-Forwarded-For is not read
-                access_log=False,  # the gateway writes its own access line
                 timeout_graceful_shutdown=2,  # requests were drained before (stop)
             )
         )

@@ -110,20 +110,13 @@ def worker_main(
     (manual mode: the worker asks vLLM itself)."""
     _die_with_parent()
     from .plugin_logs import configure_logging
-    from .plugin_web_handler import build_app_for, freeze_startup_objects
+    from .plugin_web_handler import build_app_for, freeze_startup_objects, server_config
 
     configure_logging(config.log.level, config.log.format)
     monitor = SharedMonitor(engine) if isinstance(engine, SharedEngineState) else engine
     app = build_app_for(config, monitor, upstream_api_key)
     server = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            log_config=None,
-            lifespan="on",
-            proxy_headers=False,  # no client address is used: X-Forwarded-For is not read
-            access_log=False,
-            timeout_graceful_shutdown=int(config.web.shutdown_grace) or None,
-        )
+        server_config(app, timeout_graceful_shutdown=int(config.web.shutdown_grace) or None)
     )
     freeze_startup_objects()
     server.run(sockets=[sock])

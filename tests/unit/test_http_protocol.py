@@ -1,0 +1,131 @@
+"""The web server's protocol: the writes of one loop turn leave in one packet, and nothing is
+lost or reordered (bodies, streams, keep-alive, `Connection: close`)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+
+from tests.helpers import free_port
+from tide_vllm_cmd.app.options.http_protocol import (
+    GatheringHttpToolsProtocol,
+    _GatheringTransport,
+)
+
+
+class _RecordingTransport:
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def get_extra_info(self, name: str) -> str:
+        return f"info:{name}"
+
+
+async def test_the_writes_of_one_turn_go_out_as_one_write():
+    real = _RecordingTransport()
+    transport = _GatheringTransport(real, asyncio.get_running_loop())  # type: ignore[arg-type]
+    transport.write(b"HTTP/1.1 200 OK\r\n\r\n")
+    transport.write(b"data: 1\n\n")
+    assert real.writes == []  # held until the code that wrote them yields
+    await asyncio.sleep(0)
+    assert real.writes == [b"HTTP/1.1 200 OK\r\n\r\ndata: 1\n\n"]
+    transport.write(b"data: 2\n\n")  # a later turn: a write of its own
+    await asyncio.sleep(0)
+    assert real.writes[1:] == [b"data: 2\n\n"]
+    assert transport.get_extra_info("socket") == "info:socket"
+
+
+async def test_close_sends_what_was_written_first():
+    real = _RecordingTransport()
+    transport = _GatheringTransport(real, asyncio.get_running_loop())  # type: ignore[arg-type]
+    transport.write(b"last words")
+    transport.close()
+    assert real.writes == [b"last words"] and real.closed
+    await asyncio.sleep(0)
+    assert real.writes == [b"last words"]  # not twice
+
+
+async def test_nothing_is_written_to_a_closed_connection():
+    real = _RecordingTransport()
+    transport = _GatheringTransport(real, asyncio.get_running_loop())  # type: ignore[arg-type]
+    transport.write(b"lost")
+    real.closed = True  # the peer went away before the turn ended
+    await asyncio.sleep(0)
+    assert real.writes == []
+
+
+async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    if scope["type"] != "http":
+        return
+    await receive()
+    if scope["path"] == "/stream":
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        for part in (b"one ", b"two ", b"three"):
+            await send({"type": "http.response.body", "body": part, "more_body": True})
+            await asyncio.sleep(0.01)
+        await send({"type": "http.response.body", "body": b""})
+        return
+    body = scope["path"].encode()
+    headers = [(b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+@contextlib.asynccontextmanager
+async def serving(asgi: Any = app) -> AsyncIterator[int]:
+    port = free_port()
+    config = uvicorn.Config(
+        asgi, port=port, http=GatheringHttpToolsProtocol, lifespan="off", log_config=None
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.get_running_loop().create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.01)
+    try:
+        yield port
+    finally:
+        server.should_exit = True
+        await task
+
+
+async def test_answers_and_streams_arrive_whole_and_in_order():
+    async with serving() as port, httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as c:
+        for i in range(20):  # one kept-alive connection, many answers
+            response = await c.get(f"/answer-{i}")
+            assert response.status_code == 200 and response.text == f"/answer-{i}"
+        async with c.stream("GET", "/stream") as response:
+            parts = [part async for part in response.aiter_raw()]
+        assert b"".join(parts) == b"one two three"
+        assert len(parts) == 3  # each part sent as it was written, not held back
+        response = await c.get("/bye", headers={"connection": "close"})
+        assert response.text == "/bye"  # written before the server closed the connection
+
+
+@pytest.mark.parametrize("size", [1, 300_000])
+async def test_a_large_body_is_not_cut(size):
+    body = b"x" * size
+
+    async def big(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        headers = [(b"content-length", str(size).encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    async with serving(big) as port, httpx.AsyncClient() as client:
+        response = await client.get(f"http://127.0.0.1:{port}/")
+    assert response.content == body
