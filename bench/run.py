@@ -17,16 +17,26 @@ and through tide-vllm, side by side:
   event arrives) with chunks 1 ms apart; and the whole stream's time when the stub sends the 64
   chunks back to back — with an aiohttp client, one stream after another on one connection;
 - 1,000 concurrent streams (64 chunks, 20 ms apart): errors, time, and tide-vllm's peak
-  resident memory (VmRSS of its process, sampled every 20 ms).
+  resident memory (VmRSS of its process, sampled every 20 ms);
+- for comparison, in the same run and in front of the same stub, other servers in tide-vllm's
+  place, OpenAI shape, non-streaming, with the loads and placement above (1 connection on one
+  core; 32 and 256 connections with the server alone on its core): phase `reference`, the
+  20-line FastAPI pass-through of FIELD-NOTES (bench/reference_passthrough.py), and phase
+  `litellm`, a LiteLLM proxy with one worker (bench/litellm_proxy.py), also streaming, one
+  stream at a time: time to first token and the whole 64-chunk stream. LiteLLM is not one of
+  tide-vllm's dependencies: the phase installs a pinned release into a venv of its own,
+  bench/.venv-litellm, on first use (about a minute), and is skipped, with one line, when that
+  fails (no network). Their rows are named after them ("…, LiteLLM proxy").
 
 Each phase gets a fresh tide-vllm (no phase inherits another's connection pool or backlog);
-each run is warmed up first, and starts only once both servers have finished the requests the
+each run is warmed up first, and starts only once the servers have finished the requests the
 previous run's clients abandoned. Before each phase the machine's CPU use without us is taken:
 other work (a test suite, a vLLM) makes the figures noisy, and the output says so. The results
 are printed as a table and written, with the machine's description, to
-bench/results/latest.json; the servers' logs go to bench/results/logs/. `--workers N` adds the
-throughput rows for `web.workers: N`; `--real` compares a real vLLM with tide-vllm in front of it
-instead (bench/real_vllm.py).
+bench/results/latest.json (each phase's raw figures under `raw`, e.g. raw["litellm"]); the
+servers' logs go to bench/results/logs/. `--workers N` adds the throughput rows for
+`web.workers: N`; `--real` compares a real vLLM with tide-vllm in front of it instead
+(bench/real_vllm.py).
 """
 
 from __future__ import annotations
@@ -48,11 +58,13 @@ from bench_proc import (
     ConfigRejected,
     RssSampler,
     Server,
+    StartError,
     available_cpus,
     background_cpu,
     count_errors,
     pin,
     pin_self,
+    process_tree,
     raise_fd_limit,
     start_gateway,
     start_reference,
@@ -72,6 +84,9 @@ from bench_sse import (
     set_chunk_delay,
 )
 from bench_wrk import WrkResult, run_wrk, write_script, wrk_path
+from litellm_proxy import LITELLM_VERSION, start_litellm, stop_group
+from litellm_proxy import ensure_installed as ensure_litellm
+from litellm_proxy import install_error as litellm_install_error
 
 OPENAI_PATH = "/v1/chat/completions"
 TIDE_PATH = "/chat/completions"
@@ -139,6 +154,7 @@ class Bench:
     exit_codes: list[int | None] = field(default_factory=list)
     anomalies: list[str] = field(default_factory=list)
     settle_seconds: list[float] = field(default_factory=list)
+    also_settle: list[Server] = field(default_factory=list)  # another server being measured
 
     def place_servers(self, stub: set[int], gateway: set[int]) -> None:
         pin(self.stub.pid, stub)
@@ -152,7 +168,7 @@ class Bench:
     def settle(self) -> None:
         """Let both servers finish what a previous run's clients left behind, so that no run
         pays for another (a wrk run ends with every connection's request abandoned)."""
-        for server in (self.gateway, self.stub):
+        for server in (self.gateway, self.stub, *self.also_settle):
             waited = wait_idle(server.pid)
             if waited > 1:
                 print(f"  ({server.name} was busy {waited:.1f} s after the run before)")
@@ -178,26 +194,30 @@ class Bench:
             name=name,
             log_level=self.settings.log_level,
         )
-        busy = background_cpu()
-        self.background[name] = round(busy, 1)
-        print(f"{name} (machine busy without us: {busy:.0f}%)", flush=True)
-        if busy > BUSY_WARNING:
-            print(f"  ! other processes use {busy:.0f}% of the CPUs: these figures will be noisy")
+        announce(self, name)
 
 
 # -- wrk measurements -------------------------------------------------------------------------
-def wrk(bench: Bench, url: str, body: bytes, connections: int, cpus: set[int] | None) -> WrkResult:
-    """A 1 s warm-up, then the measured run."""
+def wrk(
+    bench: Bench,
+    url: str,
+    body: bytes,
+    connections: int,
+    cpus: set[int] | None,
+    seconds: float | None = None,
+) -> WrkResult:
+    """A 1 s warm-up, then the measured run (`seconds`, by default the settings')."""
     name = f"body-{abs(hash(body))}"
     script = write_script(bench.workdir, name, body.decode())
+    seconds = seconds or bench.settings.seconds
     run_wrk(url, script, connections, 1, cpus)
     bench.settle()
-    result = run_wrk(url, script, connections, bench.settings.seconds, cpus)
+    result = run_wrk(url, script, connections, seconds, cpus)
     if result.requests == 0:
         print(f"  ! {url} c={connections}: no answer in {result.seconds:.0f} s; once more")
         bench.anomalies.append(f"no answer from {url} at c={connections}; run again")
         time.sleep(2)
-        result = run_wrk(url, script, connections, bench.settings.seconds, cpus)
+        result = run_wrk(url, script, connections, seconds, cpus)
     if result.errors or result.non_2xx:
         print(f"  ! {url} c={connections}: {result.errors} errors, {result.non_2xx} non-2xx")
     return result
@@ -294,34 +314,142 @@ def measure_reference(bench: Bench) -> None:
     """The 20-line FastAPI pass-through of FIELD-NOTES (bench/reference_passthrough.py) under
     the same loads as tide-vllm, OpenAI shape: the floor a FastAPI app starts from, measured
     in this run so that a slow or busy machine shows in both."""
-    place = bench.place
     reference = start_reference(bench.python, bench.stub.port, bench.workdir)
-    raw: dict[str, Any] = {}
     label = "20-line FastAPI pass-through"
     try:
-        print(f"{label}, for reference (machine busy without us: {background_cpu():.0f}%)")
-        url, body = reference.url + OPENAI_PATH, openai_body(8)
+        announce(bench, f"{label}, for reference")
+        bench.raw["reference"] = other_server_loads(bench, reference, label, "reference")
+    finally:
+        stop(reference)
+
+
+def measure_litellm(bench: Bench) -> None:
+    """A LiteLLM proxy (one worker, in its own venv: bench/litellm_proxy.py) in front of the
+    same stub, under the reference's loads, OpenAI shape; then its streams one at a time.
+    Skipped, with one line, when LiteLLM cannot be installed or does not start."""
+    label = "LiteLLM proxy"
+    litellm = ensure_litellm()
+    if litellm is None:
+        reason = f"litellm[proxy]=={LITELLM_VERSION} could not be installed"
+        print(f"{label}: skipped ({reason}, see above)")
+        bench.raw["litellm"] = {"version": LITELLM_VERSION, "skipped": reason,
+                                "error": "; ".join(litellm_install_error)}  # fmt: skip
+        return
+    try:
+        proxy = start_litellm(litellm, bench.stub.port, bench.workdir, openai_body(8))
+    except StartError as exc:
+        print(f"{label} {LITELLM_VERSION} did not start; skipped: {exc}")
+        bench.anomalies.append(f"{label} did not start")
+        bench.raw["litellm"] = {"version": LITELLM_VERSION, "skipped": str(exc)[-2000:]}
+        return
+    raw: dict[str, Any] = {"version": LITELLM_VERSION}
+    try:
+        announce(bench, f"{label} {LITELLM_VERSION}, 1 worker, for comparison")
+        raw.update(other_server_loads(bench, proxy, label, "litellm"))
+        raw["streaming"] = other_server_streams(bench, proxy, label, "litellm")
+    finally:
+        raw["exit_code"] = stop_group(proxy)
+        bench.raw["litellm"] = raw
+
+
+def announce(bench: Bench, name: str) -> None:
+    busy = background_cpu()
+    bench.background[name] = round(busy, 1)
+    print(f"{name} (machine busy without us: {busy:.0f}%)", flush=True)
+    if busy > BUSY_WARNING:
+        print(f"  ! other processes use {busy:.0f}% of the CPUs: these figures will be noisy")
+
+
+def pin_tree(pid: int, cpus: set[int]) -> None:
+    """A server and whatever processes it started."""
+    for member in process_tree(pid):
+        pin(member, cpus)
+
+
+ROUNDS = 5  # answers a connection should get, at least, in a measured run
+LONGEST_RUN = 30.0  # s
+
+
+def run_seconds(bench: Bench, connections: int, rate: float) -> float | None:
+    """A longer measured run for a server so slow (LiteLLM: ~60 req/s here) that in the
+    settings' seconds each of `connections` would get only one answer or none (all of them
+    answered at once, after connections / rate seconds), or None for the settings' seconds."""
+    needed = ROUNDS * connections / max(rate, 1.0)
+    if needed <= bench.settings.seconds:
+        return None
+    return min(LONGEST_RUN, float(round(needed)))
+
+
+def other_server_loads(bench: Bench, server: Server, label: str, key: str) -> dict[str, Any]:
+    """Another server in front of the stub, OpenAI shape, non-streaming, with tide-vllm's
+    loads and placement: 1 connection with every process on one core, then 32 and 256
+    connections with `server` alone on its core. Rows named "…, {label}"; the raw results
+    under "1", "32", "256", each {"direct": …, key: …}."""
+    place = bench.place
+    raw: dict[str, Any] = {}
+    bench.also_settle.append(server)
+    try:
+        url, body = server.url + OPENAI_PATH, openai_body(8)
         pin(bench.stub.pid, place.one_core)
-        pin(reference.pid, place.one_core)
+        pin_tree(server.pid, place.one_core)
         direct = wrk(bench, bench.stub.url + OPENAI_PATH, body, 1, place.one_core)
         through = wrk(bench, url, body, 1, place.one_core)
-        raw["1"] = {"direct": asdict(direct), "reference": asdict(through)}
+        raw["1"] = {"direct": asdict(direct), key: asdict(through)}
         for pct in ("p50", "p99"):
             values = getattr(direct, f"{pct}_ms"), getattr(through, f"{pct}_ms")
             bench.add(Row(f"latency {pct}, 1 conn, one core, {label}", "ms", *values))
         pin(bench.stub.pid, place.stub)
-        pin(reference.pid, place.gateway)
+        pin_tree(server.pid, place.gateway)
+        rate = through.rps  # the last measured, to size the next run
         for connections in (32, 256):
+            seconds = run_seconds(bench, connections, rate)
+            note = f"{seconds:.0f} s run" if seconds else ""
             direct = wrk(bench, bench.stub.url + OPENAI_PATH, body, connections, place.load_direct)
-            through = wrk(bench, url, body, connections, place.load_through)
-            raw[str(connections)] = {"direct": asdict(direct), "reference": asdict(through)}
+            through = wrk(bench, url, body, connections, place.load_through, seconds)
+            rate = through.rps or rate
+            raw[str(connections)] = {"direct": asdict(direct), key: asdict(through)}
             rps = (direct.rps, through.rps)
-            bench.add(Row(f"throughput, {connections} conns, {label}", "req/s", *rps, "throughput"))
+            name = f"throughput, {connections} conns, {label}"
+            bench.add(Row(name, "req/s", *rps, "throughput", note))
             p99 = (direct.p99_ms, through.p99_ms)
-            bench.add(Row(f"latency p99, {connections} conns, {label}", "ms", *p99))
+            bench.add(Row(f"latency p99, {connections} conns, {label}", "ms", *p99, note=note))
+            errors = (direct.errors + direct.non_2xx, through.errors + through.non_2xx)
+            if any(errors):
+                bench.add(Row(f"errors, {connections} conns, {label}", "", *errors, "count"))
     finally:
-        stop(reference)
-    bench.raw["reference"] = raw
+        bench.also_settle.remove(server)
+    return raw
+
+
+def other_server_streams(bench: Bench, server: Server, label: str, key: str) -> dict[str, Any]:
+    """As measure_streaming, OpenAI shape, for another server: one stream after another, every
+    process on one core; time to first token with chunks `paced_delay` apart, and the whole
+    stream with the chunks back to back."""
+    s, place = bench.settings, bench.place
+    body = openai_body(s.chunks, stream=True)
+    targets = {"direct": bench.stub.url + OPENAI_PATH, key: server.url + OPENAI_PATH}
+    pin(bench.stub.pid, place.one_core)
+    pin_tree(server.pid, place.one_core)
+    pin_self(place.one_core)
+    raw: dict[str, Any] = {}
+    try:
+        for mode, delay in (("paced", s.paced_delay), ("burst", 0.0)):
+            asyncio.run(set_chunk_delay(bench.stub.url, delay))
+            raw[mode] = {
+                name: summary(asyncio.run(sequential_streams(url, body, s.stream_seconds)))
+                for name, url in targets.items()
+            }
+    finally:
+        pin_self(place.every)
+        asyncio.run(set_chunk_delay(bench.stub.url, 0.0))
+    paced, burst = raw["paced"], raw["burst"]
+    note = f"chunks {s.paced_delay * 1000:g} ms apart"
+    ttft = (paced["direct"]["ttft_p50_ms"], paced[key]["ttft_p50_ms"])
+    bench.add(Row(f"stream time to first token p50, {label}", "ms", *ttft, note=note))
+    whole = (burst["direct"]["total_p50_ms"], burst[key]["total_p50_ms"])
+    name = f"stream of {s.chunks} chunks, whole p50, {label}"
+    bench.add(Row(name, "ms", *whole, note="chunks back to back"))
+    return raw
 
 
 # -- streaming --------------------------------------------------------------------------------
@@ -525,6 +653,7 @@ PHASES: dict[str, Callable[[Bench], None]] = {
     "streaming": measure_streaming,
     "streams": measure_many_streams,
     "reference": measure_reference,
+    "litellm": measure_litellm,
 }
 
 
@@ -656,6 +785,8 @@ def main(argv: list[str] | None = None) -> int:
         args.paced_delay,
         args.log_level,
     )
+    if "litellm" in args.only:
+        ensure_litellm()  # on first use, before anything is measured (about a minute)
     wait_quiet(args.wait_quiet)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="tide-bench-") as tmp:
