@@ -147,8 +147,8 @@ class ChatEndpoint:
         if self.log_prompts:
             log.info("messages: %s", orjson.dumps(body.get("messages")).decode())
         if chat.stream:
-            events = _counted_openai(state, app.chat.relay_stream(chat))
-            await self._sse(exchange, events, _openai_error_event)
+            events = app.chat.relay_stream(chat)
+            await self._sse(exchange, events, _openai_error_event, _note_openai_event)
             return
         raw = await exchange.until_disconnect(app.chat.relay(chat))
         state["usage"] = _usage_of(raw)
@@ -191,13 +191,15 @@ class ChatEndpoint:
         exchange: _Exchange,
         events: AsyncIterator[bytes],
         error_event: Callable[[ChatError], bytes],
+        note: Callable[[dict[str, Any], bytes], None] | None = None,
     ) -> None:
-        """An event stream, each event sent as it comes. Errors before the first event are
-        ordinary error responses (status and body); after it, an error event then `[DONE]`,
-        never a silently cut stream. A client that goes away cancels the work, which closes
-        the upstream request."""
+        """An event stream, each event sent as it comes (`note` sees each first). Errors
+        before the first event are ordinary error responses (status and body); after it, an
+        error event then `[DONE]`, never a silently cut stream. A client that goes away
+        cancels the work, which closes the upstream request."""
         try:
-            await exchange.until_disconnect(self._relay_events(exchange, events, error_event))
+            relay = self._relay_events(exchange, events, error_event, note)
+            await exchange.until_disconnect(relay)
         finally:
             await events.aclose()  # type: ignore[attr-defined]
 
@@ -206,6 +208,7 @@ class ChatEndpoint:
         exchange: _Exchange,
         events: AsyncIterator[bytes],
         error_event: Callable[[ChatError], bytes],
+        note: Callable[[dict[str, Any], bytes], None] | None,
     ) -> None:
         send = exchange.send
         ended = False  # `data: [DONE]` went out as the body's last part
@@ -213,6 +216,8 @@ class ChatEndpoint:
             async for event in events:
                 if ended:
                     continue  # nothing follows [DONE]; read on so the connection can be reused
+                if note is not None:
+                    note(exchange.state, event)
                 if not exchange.started:
                     await exchange.start(200, SSE_HEADERS)
                 # The block ending in [DONE] also ends the body: one write fewer per stream.
@@ -370,20 +375,14 @@ def _usage_of(raw: bytes) -> tuple[int, int] | None:
     )
 
 
-async def _counted_openai(
-    state: dict[str, Any], events: AsyncIterator[bytes]
-) -> AsyncIterator[bytes]:
-    """vLLM's event blocks unchanged, noting when the first text arrives and the usage."""
-    try:
-        async for event in events:
-            if "first_token_at" not in state and _TEXT_DELTA.search(event):
-                state["first_token_at"] = time.perf_counter()
-            usage = _usage_of(event)
-            if usage is not None:
-                state["usage"] = usage
-            yield event
-    finally:
-        await events.aclose()  # type: ignore[attr-defined]
+def _note_openai_event(state: dict[str, Any], event: bytes) -> None:
+    """When the first text arrives and the usage, from vLLM's event blocks (relayed as they
+    are)."""
+    if "first_token_at" not in state and _TEXT_DELTA.search(event):
+        state["first_token_at"] = time.perf_counter()
+    usage = _usage_of(event)
+    if usage is not None:
+        state["usage"] = usage
 
 
 async def _tide_events(

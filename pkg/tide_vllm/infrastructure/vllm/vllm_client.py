@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,19 +99,10 @@ class VLLMClient:
             await stream.aclose()  # type: ignore[union-attr]
         return Reply(response.status_code, response.headers, content)
 
-    @asynccontextmanager
-    async def stream_chat_completions(
-        self, payload: Mapping[str, Any], request_id: str
-    ) -> AsyncIterator[httpx.Response]:
-        """The response with its body unread; leaving the block closes the connection, which
-        makes vLLM abort the generation."""
-        response = await self._transport.handle_async_request(
-            self._chat_request(payload, request_id)
-        )
-        try:
-            yield response
-        finally:
-            await response.aclose()
+    async def open_chat_stream(self, payload: Mapping[str, Any], request_id: str) -> httpx.Response:
+        """The response with its body unread; the caller closes it (`aclose`), which, before
+        the body's end, closes the connection and so makes vLLM abort the generation."""
+        return await self._transport.handle_async_request(self._chat_request(payload, request_id))
 
     async def get_models(self, timeout: float | None = None) -> httpx.Response:
         return await self._http.get(

@@ -4,7 +4,7 @@ the domain's errors."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import contextmanager
 from typing import Any
 
 import httpx
@@ -54,8 +54,9 @@ class VLLMChatRepository(ChatRepository):
         payload = {**_payload(chat), "stream": True, "stream_options": {"include_usage": True}}
         finish_reason: str | None = None
         usage: Usage | None = None
-        async with self._open_stream(payload, chat.request_id) as response:
-            async for block in _events(response):
+        blocks = self._event_blocks(payload, chat.request_id)
+        try:
+            async for block in blocks:
                 for data in _data_lines(block):
                     if data == b"[DONE]":
                         break
@@ -68,6 +69,8 @@ class VLLMChatRepository(ChatRepository):
                         finish_reason = choice.get("finish_reason") or finish_reason
                         if text:
                             yield ChatDelta(content=text)
+        finally:
+            await blocks.aclose()
         yield ChatDelta(finish_reason=finish_reason, usage=usage)
 
     # -- OpenAI requests, carried opaquely ------------------------------------------------
@@ -77,10 +80,8 @@ class VLLMChatRepository(ChatRepository):
             raise EngineFailed("vLLM returned a body that is not JSON")
         return response.content
 
-    async def relay_stream(self, chat: OpenAIChat) -> AsyncIterator[bytes]:
-        async with self._open_stream(chat.payload, chat.request_id) as response:
-            async for event in _events(response):
-                yield event
+    def relay_stream(self, chat: OpenAIChat) -> AsyncIterator[bytes]:
+        return self._event_blocks(chat.payload, chat.request_id)
 
     async def models(self) -> bytes:
         return await self._get(self.client.get_models)
@@ -103,17 +104,33 @@ class VLLMChatRepository(ChatRepository):
             raise _upstream_error(response.status_code, response.content)
         return response
 
-    @asynccontextmanager
-    async def _open_stream(
+    async def _event_blocks(
         self, payload: Mapping[str, Any], request_id: str
-    ) -> AsyncIterator[httpx.Response]:
+    ) -> AsyncIterator[bytes]:
+        """The answer's blocks of whole server-sent events (each ending in a blank line), passed
+        on as soon as they are complete: a chunk that holds several events is one block, never
+        split or held. Read from the transport's stream as it comes (what httpx's `aiter_raw`
+        would give, without its layers); leaving early closes the connection, which makes vLLM
+        abort the generation."""
         with _translated(self.client):
-            async with self.client.stream_chat_completions(payload, request_id) as response:
+            response = await self.client.open_chat_stream(payload, request_id)
+        try:
+            with _translated(self.client):
                 if response.status_code >= 400:
                     raise _upstream_error(response.status_code, await response.aread())
                 if "text/event-stream" not in response.headers.get("content-type", ""):
                     raise EngineFailed("vLLM did not answer with an event stream")
-                yield response
+                buffer = b""
+                async for chunk in response.stream:  # type: ignore[union-attr]
+                    buffer += chunk
+                    end = buffer.rfind(EVENT_END)
+                    if end >= 0:
+                        yield buffer[: end + 2]
+                        buffer = buffer[end + 2 :]
+            if buffer.strip():
+                yield buffer + EVENT_END
+        finally:
+            await response.aclose()
 
 
 @contextmanager
@@ -128,20 +145,6 @@ def _translated(client: VLLMClient) -> Iterator[None]:
     except httpx.TransportError as exc:
         # The connection broke mid-request: vLLM went away.
         raise EngineUnavailable(f"lost the connection to vLLM: {exc!r}") from None
-
-
-async def _events(response: httpx.Response) -> AsyncIterator[bytes]:
-    """Blocks of whole server-sent events (each ending in a blank line), passed on as soon as
-    they are complete: a chunk that holds several events is one block, never split or held."""
-    buffer = b""
-    async for chunk in response.aiter_raw():
-        buffer += chunk
-        end = buffer.rfind(EVENT_END)
-        if end >= 0:
-            yield buffer[: end + 2]
-            buffer = buffer[end + 2 :]
-    if buffer.strip():
-        yield buffer + EVENT_END
 
 
 def _data_lines(block: bytes) -> list[bytes]:
