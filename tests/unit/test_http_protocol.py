@@ -1,5 +1,5 @@
-"""The web server's protocol: the writes of one loop turn leave in one packet, and nothing is
-lost or reordered (bodies, streams, keep-alive, `Connection: close`)."""
+"""The web server's protocol: a response's head leaves with its first body bytes, nothing is
+held longer, lost or reordered (bodies, streams, keep-alive, `Connection: close`)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import uvicorn
 
 from tests.helpers import free_port
 from tide_vllm_cmd.app.options.http_protocol import (
-    GatheringHttpToolsProtocol,
-    _GatheringTransport,
+    HeadHoldingHttpToolsProtocol,
+    _HeadHoldingTransport,
 )
 
 
@@ -37,34 +37,45 @@ class _RecordingTransport:
         return f"info:{name}"
 
 
-async def test_the_writes_of_one_turn_go_out_as_one_write():
+HEAD = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n"
+
+
+async def test_a_head_leaves_with_the_first_body_bytes_and_the_rest_at_once():
     real = _RecordingTransport()
-    transport = _GatheringTransport(real, asyncio.get_running_loop())  # type: ignore[arg-type]
-    transport.write(b"HTTP/1.1 200 OK\r\n\r\n")
-    transport.write(b"data: 1\n\n")
-    assert real.writes == []  # held until the code that wrote them yields
-    await asyncio.sleep(0)
-    assert real.writes == [b"HTTP/1.1 200 OK\r\n\r\ndata: 1\n\n"]
-    transport.write(b"data: 2\n\n")  # a later turn: a write of its own
-    await asyncio.sleep(0)
+    transport = _HeadHoldingTransport(real, asyncio.get_running_loop())  # type: ignore[arg-type]
+    transport.write(HEAD)
+    assert real.writes == []  # held for the body
+    transport.write(b"{}")
+    assert real.writes == [HEAD + b"{}"]  # together, at once: the end of an answer is not held
+    transport.write(b"data: 2\n\n")
     assert real.writes[1:] == [b"data: 2\n\n"]
+    await asyncio.sleep(0)
+    assert real.writes == [HEAD + b"{}", b"data: 2\n\n"]  # nothing sent twice
     assert transport.get_extra_info("socket") == "info:socket"
 
 
-async def test_close_sends_what_was_written_first():
+async def test_a_head_without_a_body_yet_leaves_when_the_turn_ends():
     real = _RecordingTransport()
-    transport = _GatheringTransport(real, asyncio.get_running_loop())  # type: ignore[arg-type]
-    transport.write(b"last words")
-    transport.close()
-    assert real.writes == [b"last words"] and real.closed
+    transport = _HeadHoldingTransport(real, asyncio.get_running_loop())  # type: ignore[arg-type]
+    transport.write(HEAD)
     await asyncio.sleep(0)
-    assert real.writes == [b"last words"]  # not twice
+    assert real.writes == [HEAD]
+
+
+async def test_close_sends_the_held_head_first():
+    real = _RecordingTransport()
+    transport = _HeadHoldingTransport(real, asyncio.get_running_loop())  # type: ignore[arg-type]
+    transport.write(HEAD)
+    transport.close()
+    assert real.writes == [HEAD] and real.closed
+    await asyncio.sleep(0)
+    assert real.writes == [HEAD]  # not twice
 
 
 async def test_nothing_is_written_to_a_closed_connection():
     real = _RecordingTransport()
-    transport = _GatheringTransport(real, asyncio.get_running_loop())  # type: ignore[arg-type]
-    transport.write(b"lost")
+    transport = _HeadHoldingTransport(real, asyncio.get_running_loop())  # type: ignore[arg-type]
+    transport.write(HEAD)
     real.closed = True  # the peer went away before the turn ended
     await asyncio.sleep(0)
     assert real.writes == []
@@ -91,7 +102,7 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
 async def serving(asgi: Any = app) -> AsyncIterator[int]:
     port = free_port()
     config = uvicorn.Config(
-        asgi, port=port, http=GatheringHttpToolsProtocol, lifespan="off", log_config=None
+        asgi, port=port, http=HeadHoldingHttpToolsProtocol, lifespan="off", log_config=None
     )
     server = uvicorn.Server(config)
     task = asyncio.get_running_loop().create_task(server.serve())

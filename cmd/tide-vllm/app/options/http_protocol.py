@@ -1,11 +1,13 @@
-"""uvicorn's httptools protocol with the writes of one loop turn sent together.
+"""uvicorn's httptools protocol with each response's head sent together with its first body
+bytes.
 
 uvicorn writes a response's head and each part of its body with a write of its own, and uvloop
-sends each at once: a system call each, and for a client on another core a wake-up each. A
-stream's head and first event, or a whole answer's head and body, are written in the same
-turn of the loop; gathered, they leave in one packet, so the client wakes once, with the
-first token in hand. The writes are sent at the end of the turn (`call_soon`), before the loop
-waits for anything: no data is held longer than the code that wrote it runs.
+sends each at once: a system call each, and for a client on another core a wake-up each. Here the
+head is held until the next write, which carries it: a whole answer leaves in one packet, and a
+stream's head leaves with its first event, so the client wakes once, with the first token in
+hand. Every write after the head goes out at once, as before (the end of a response is never
+held behind the work that follows it). A head with no body written in the same turn of the loop
+goes out at the turn's end (`call_soon`).
 """
 
 from __future__ import annotations
@@ -15,29 +17,36 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+_HEAD = b"HTTP/1.1 "  # how uvicorn's every response head (and nothing else it writes) starts
 
-class _GatheringTransport:
-    """A transport whose writes within one loop turn go out as one."""
 
-    __slots__ = ("_transport", "_loop", "_pending")
+class _HeadHoldingTransport:
+    """A transport that holds a response's head until the next write or the turn's end."""
+
+    __slots__ = ("_transport", "_loop", "_held")
 
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
         self._transport = transport
         self._loop = loop
-        self._pending: list[bytes] | None = None
+        self._held: bytes | None = None
 
     def write(self, data: bytes) -> None:
-        pending = self._pending
-        if pending is None:
-            self._pending = [data]
+        held = self._held
+        if held is not None:
+            self._held = None
+            self._transport.write(held + data)
+        elif data.startswith(_HEAD):
+            self._held = data
             self._loop.call_soon(self._flush)
         else:
-            pending.append(data)
+            self._transport.write(data)
 
     def _flush(self) -> None:
-        pending, self._pending = self._pending, None
-        if pending and not self._transport.is_closing():
-            self._transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
+        held = self._held
+        if held is not None:
+            self._held = None
+            if not self._transport.is_closing():
+                self._transport.write(held)
 
     def close(self) -> None:
         self._flush()
@@ -47,7 +56,6 @@ class _GatheringTransport:
         return getattr(self._transport, name)
 
 
-class GatheringHttpToolsProtocol(HttpToolsProtocol):
+class HeadHoldingHttpToolsProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        gathering = _GatheringTransport(transport, self.loop)
-        super().connection_made(gathering)  # type: ignore[arg-type]
+        super().connection_made(_HeadHoldingTransport(transport, self.loop))  # type: ignore[arg-type]

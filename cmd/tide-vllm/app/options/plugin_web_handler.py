@@ -24,7 +24,7 @@ from web.modules.tidevllm.chat import ChatEndpoint, openapi_paths
 from web.modules.tidevllm.controller import router
 from web.modules.tidevllm.errors import install_error_handlers
 
-from .http_protocol import GatheringHttpToolsProtocol
+from .http_protocol import HeadHoldingHttpToolsProtocol
 from .options import Config
 from .workers import WorkerPool
 
@@ -156,7 +156,7 @@ def server_config(app: ASGIApp, **settings: Any) -> uvicorn.Config:
         app,
         log_config=None,
         lifespan="on",
-        http=GatheringHttpToolsProtocol,  # the writes of one loop turn in one packet
+        http=HeadHoldingHttpToolsProtocol,  # a response's head leaves with its first body bytes
         proxy_headers=False,  # no client address is used: X-Forwarded-For is not read
         access_log=False,  # the gateway writes its own access line
         **settings,
