@@ -11,7 +11,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import orjson
@@ -19,7 +19,61 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .metrics import Metrics
 
-access_log = logging.getLogger("tide_vllm.access")
+ACCESS_LOGGER = "tide_vllm.access"
+access_log = logging.getLogger(ACCESS_LOGGER)
+
+
+class AccessLine:
+    """One request's access line: its text and, for JSON logs, its fields."""
+
+    __slots__ = ("method", "path", "status", "took", "shape", "model", "prompt", "completion")
+
+    def __init__(
+        self,
+        method: str,
+        path: str,
+        status: int,
+        took: float,
+        shape: str,
+        model: str | None,
+        prompt: int | None,
+        completion: int | None,
+    ) -> None:
+        self.method, self.path, self.status, self.took = method, path, status, took
+        self.shape, self.model, self.prompt, self.completion = shape, model, prompt, completion
+
+    def message(self) -> str:
+        return (
+            f"{self.method} {self.path} {self.status} {self.took * 1000:.1f}ms "
+            f"shape={self.shape} model={self.model or '-'} "
+            f"prompt_tokens={'-' if self.prompt is None else self.prompt} "
+            f"completion_tokens={'-' if self.completion is None else self.completion}"
+        )
+
+    def fields(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "path": self.path,
+            "status": self.status,
+            "duration_ms": round(self.took * 1000, 3),
+            "shape": self.shape,
+            "model": self.model,
+            "prompt_tokens": self.prompt,
+            "completion_tokens": self.completion,
+        }
+
+
+AccessWriter = Callable[[AccessLine], None]
+
+
+class _Access:
+    """Where access lines go: through the `tide_vllm.access` logger, or, once the service's
+    logging is set up (plugin_logs), a writer straight to the log's stream in its format."""
+
+    writer: AccessWriter | None = None
+
+
+ACCESS = _Access()
 
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 # A request id travels in HTTP headers: printable ASCII, no space at either end.
@@ -193,30 +247,17 @@ class GatewayMiddleware:
             return  # probes and scrapes every few seconds would drown the access log
         if not access_log.isEnabledFor(logging.INFO):
             return
-        method = scope["method"]
         prompt, completion = usage if usage else (None, None)
-        model = state.get("model")
+        line = AccessLine(
+            scope["method"], path, status, took, shape, state.get("model"), prompt, completion
+        )
+        if ACCESS.writer is not None:
+            ACCESS.writer(line)
+            return
         # Logger.info would also look up the caller's file and line, which no line shows.
         record = access_log.makeRecord(
-            access_log.name,
-            logging.INFO,
-            "",
-            0,
-            "%s %s %d %.1fms shape=%s model=%s prompt_tokens=%s completion_tokens=%s",
-            (method, path, status, took * 1000, shape, model or "-",
-             "-" if prompt is None else prompt, "-" if completion is None else completion),
-            None,
-            extra={
-                "method": method,
-                "path": path,
-                "status": status,
-                "duration_ms": round(took * 1000, 3),
-                "shape": shape,
-                "model": model,
-                "prompt_tokens": prompt,
-                "completion_tokens": completion,
-            },
-        )  # fmt: skip
+            ACCESS_LOGGER, logging.INFO, "", 0, line.message(), None, None, extra=line.fields()
+        )
         access_log.handle(record)
 
 
