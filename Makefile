@@ -41,8 +41,9 @@ clean:
 	rm -rf $(VENV) .pytest_cache
 
 # What tide-vllm adds in front of a fast stub upstream: latency, throughput, streaming, 1,000
-# streams and memory, side by side with the stub alone (bench/run.py; not part of `make test`).
-# Needs `wrk`; installed here with apt-get (Debian) when it is missing.
+# streams and memory, side by side with the stub alone, a 20-line FastAPI pass-through and a
+# LiteLLM proxy (bench/run.py; not part of `make test`). Needs `wrk`; installed here with apt-get
+# (Debian) when it is missing. LiteLLM goes into its own venv, bench/.venv-litellm, on first use.
 .PHONY: bench
 bench: install
 	@command -v wrk >/dev/null || { echo "bench: wrk is missing; installing it with apt-get"; \
