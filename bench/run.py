@@ -262,11 +262,7 @@ def measure_latency(bench: Bench) -> None:
     bench.place_servers(place.one_core, place.one_core)
     one_core = wrk_trio(bench, 1, place.one_core, place.one_core)
     latency_rows(bench, "one core", one_core)
-    streams = {
-        "direct": (bench.stub.url + OPENAI_PATH, openai_body(1, stream=True)),
-        "openai": (bench.gateway.url + OPENAI_PATH, openai_body(1, stream=True)),
-        "tide": (bench.gateway.url + TIDE_PATH, tide_body(1, stream=True)),
-    }
+    streams = stream_targets(bench, 1)
     one_token = {
         name: wrk(bench, url, body, 1, place.one_core) for name, (url, body) in streams.items()
     }

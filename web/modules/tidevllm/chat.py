@@ -68,9 +68,8 @@ errors_log = logging.getLogger("tide_vllm.web")
 
 class ChatEndpoint:
     """ASGI app for the chat paths. `application` and `default_model` are set by the app's
-    lifespan; the request's
-    `scope["state"]` (from the gateway) carries its id and collects what the access log and
-    the metrics report: shape, model, usage, time of the first token."""
+    lifespan; the request's `scope["state"]` (from the gateway) carries its id and collects
+    what the access log and the metrics report: shape, model, usage, time of the first token."""
 
     def __init__(self, metrics: Metrics, max_body_bytes: int, log_prompts: bool) -> None:
         self.metrics = metrics
@@ -248,8 +247,7 @@ class _Exchange:
     id (`x-request-id`) and its status is noted in the state for the access log."""
 
     __slots__ = (
-        "scope", "receive", "send", "state", "started", "completed", "_disconnected", "_task",
-        "_watcher",
+        "scope", "receive", "send", "state", "started", "completed", "_disconnected", "_watcher",
     )  # fmt: skip
 
     def __init__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -258,7 +256,6 @@ class _Exchange:
         self.started = False
         self.completed = False  # the response's last part was sent (receive now says disconnect)
         self._disconnected = False
-        self._task: asyncio.Task[Any] | None = None
         self._watcher: asyncio.Task[None] | None = None
 
     async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
@@ -329,12 +326,13 @@ class _Exchange:
         most answers from a fast upstream come sooner, and a task per request costs more
         than a timer (a tenth of the gateway's CPU at 32 connections)."""
         loop = asyncio.get_running_loop()
-        self._task = asyncio.current_task(loop)
-        timer = loop.call_later(WATCH_AFTER, self._start_watching, loop)
+        task = asyncio.current_task(loop)
+        assert task is not None
+        timer = loop.call_later(WATCH_AFTER, self._start_watching, loop, task)
         try:
             result = await work
         except asyncio.CancelledError:
-            if self._disconnected and self._task.uncancel() == 0:  # type: ignore[union-attr]
+            if self._disconnected and task.uncancel() == 0:
                 raise ClientDisconnected() from None
             raise
         finally:
@@ -342,20 +340,20 @@ class _Exchange:
             if self._watcher is not None:
                 self._watcher.cancel()
         if self._disconnected:  # the work ended anyway; withdraw the watcher's cancellation
-            self._task.uncancel()  # type: ignore[union-attr]
+            task.uncancel()
             raise ClientDisconnected()
         return result
 
-    def _start_watching(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._watcher = loop.create_task(self._watch())
+    def _start_watching(self, loop: asyncio.AbstractEventLoop, task: asyncio.Task[Any]) -> None:
+        self._watcher = loop.create_task(self._watch(task))
 
-    async def _watch(self) -> None:
+    async def _watch(self, task: asyncio.Task[Any]) -> None:
         while (await self.receive())["type"] != "http.disconnect":
             pass
         if self.completed:
             return
         self._disconnected = True
-        self._task.cancel()  # type: ignore[union-attr]
+        task.cancel()
 
 
 def _usage_of(raw: bytes) -> tuple[int, int] | None:

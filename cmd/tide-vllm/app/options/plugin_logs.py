@@ -96,8 +96,10 @@ def access_writer(
         created = time.time()
         message = line.message()
         request_id = REQUEST_ID.get()
-        if isinstance(formatter, TextFormatter):
-            text = f"{formatter.stamp(created)} INFO    {ACCESS_LOGGER} [{request_id}] {message}\n"
+        if isinstance(formatter, TextFormatter):  # TEXT_FORMAT, as the formatter fills it
+            record = {"asctime": formatter.stamp(created), "levelname": "INFO"}
+            record |= {"name": ACCESS_LOGGER, "request_id": request_id, "message": message}
+            text = TEXT_FORMAT % record + "\n"
         else:
             fields = _json_line(created, "INFO", ACCESS_LOGGER, message, request_id)
             text = orjson.dumps(fields | line.fields()).decode() + "\n"
