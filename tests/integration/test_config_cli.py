@@ -68,6 +68,7 @@ def test_a_yaml_syntax_error_gives_its_line(tmp_path):
         ("vllm:\n  top_p: 2\n", ["vllm.top_p:", "1"]),
         ("vllm:\n  auto_start: maybe\n", ["vllm.auto_start:"]),
         ("web:\n  bind_address:\n    port: -1\n", ["web.bind_address.port:"]),
+        ('vllm:\n  api_key: "sk-1\\nx-evil: 1"\n', ["vllm.api_key:", "line breaks"]),
         ("colour: blue\n", ["colour: unknown key"]),
         ("- a list\n", ["top level must be a mapping"]),
     ],

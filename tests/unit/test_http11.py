@@ -1,6 +1,7 @@
 """Http11Transport against real HTTP/1.1 servers on 127.0.0.1, written here on asyncio streams."""
 
 import asyncio
+import gzip
 import json
 import socket
 import struct
@@ -11,6 +12,7 @@ import httpx
 import pytest
 
 from tide_vllm.infrastructure.vllm.http11 import Http11Transport
+from tide_vllm.infrastructure.vllm.vllm_client import VLLMClient
 
 TIMEOUTS = {"connect": 1.0, "read": 1.0, "write": 1.0, "pool": 1.0}
 
@@ -585,3 +587,83 @@ async def test_a_malformed_response_is_a_remote_protocol_error(garbage, client):
     c, _ = await client(handler)
     with pytest.raises(httpx.RemoteProtocolError, match="malformed"):
         await c.get("/")
+
+
+# -- send_bytes: a request the caller wrote as bytes, and VLLMClient's chat path on it
+
+
+async def test_send_bytes_sends_the_bytes_as_they_are_and_reuses_the_connection(
+    serve, make_transport
+):
+    async def handler(req, reader, writer, conn):
+        writer.write(response(req.body[::-1], headers=b"content-type: text/plain\r\n"))
+
+    upstream = await serve(handler)
+    transport = make_transport()
+    for body in (b"first", b"second"):
+        data = b"POST /echo HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+        answer = await transport.send_bytes("127.0.0.1", upstream.port, data, TIMEOUTS)
+        assert answer.status == 200
+        assert (b"content-type", b"text/plain") in answer.headers
+        assert b"".join([part async for part in answer]) == body[::-1]
+    assert [r.body for r in upstream.requests] == [b"first", b"second"]
+    assert upstream.accepts == 1
+
+
+async def test_send_bytes_times_out_and_refuses_after_the_transport_closed(serve, make_transport):
+    async def silent(req, reader, writer, conn):
+        await asyncio.sleep(5)
+
+    upstream = await serve(silent)
+    transport = make_transport()
+    data = b"GET / HTTP/1.1\r\nhost: x\r\n\r\n"
+    timeouts = {**TIMEOUTS, "read": 0.1}
+    with pytest.raises(httpx.ReadTimeout):
+        await transport.send_bytes("127.0.0.1", upstream.port, data, timeouts)
+    await transport.aclose()
+    with pytest.raises(httpx.ConnectError):
+        await transport.send_bytes("127.0.0.1", upstream.port, data, timeouts)
+
+
+async def test_vllm_client_writes_the_chat_request_vllm_expects(serve):
+    async def handler(req, reader, writer, conn):
+        writer.write(response(b'{"ok": true}', headers=b"content-type: application/json\r\n"))
+
+    upstream = await serve(handler)
+    client = VLLMClient(upstream.url, timeout=1.0, api_key="sk-1")
+    try:
+        payload = {"model": "m", "messages": [{"role": "user", "content": "hi ü"}]}
+        reply = await client.chat_completions(payload, "r-9")
+        with pytest.raises(ValueError, match="CR or LF"):
+            await client.chat_completions(payload, "r\r\nx-evil: 1")
+    finally:
+        await client.aclose()
+    assert (reply.status_code, reply.content_type, reply.content) == (
+        200, "application/json", b'{"ok": true}',
+    )  # fmt: skip
+    (sent,) = upstream.requests
+    assert (sent.method, sent.target) == (b"POST", b"/v1/chat/completions")
+    assert json.loads(sent.body) == payload
+    assert sent.header(b"host") == f"127.0.0.1:{upstream.port}".encode()
+    assert sent.header(b"content-type") == b"application/json"
+    assert sent.header(b"authorization") == b"Bearer sk-1"
+    assert sent.header(b"x-request-id") == b"r-9"
+    assert sent.header(b"content-length") == str(len(sent.body)).encode()
+
+
+async def test_vllm_client_decodes_an_answer_compressed_anyway(serve):
+    async def handler(req, reader, writer, conn):
+        writer.write(response(gzip.compress(b'{"ok": 1}'), headers=b"content-encoding: gzip\r\n"))
+
+    upstream = await serve(handler)
+    client = VLLMClient(upstream.url, timeout=1.0)
+    try:
+        reply = await client.chat_completions({"messages": []}, "r-1")
+    finally:
+        await client.aclose()
+    assert reply.content == b'{"ok": 1}'
+
+
+def test_vllm_client_refuses_an_api_key_with_a_line_break():
+    with pytest.raises(ValueError, match="CR or LF"):
+        VLLMClient("http://127.0.0.1:1", timeout=1.0, api_key="sk\r\nx-evil: 1")

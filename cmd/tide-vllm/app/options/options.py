@@ -108,6 +108,14 @@ class VLLMConfig(_Section):
     )
     api_key: str | None = Field(None, description="Bearer key sent to vLLM (manual mode).")
 
+    @field_validator("api_key")
+    @classmethod
+    def _header_safe(cls, value: str | None) -> str | None:
+        # It travels in a header line: a line break would end it there.
+        if value is not None and not value.isprintable():
+            raise ValueError("must be printable text, without line breaks")
+        return value
+
     @field_validator("model_path")
     @classmethod
     def _expand_user(cls, value: str) -> str:

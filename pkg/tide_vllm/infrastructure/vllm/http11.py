@@ -99,7 +99,7 @@ class _ResponseStream(httpx.AsyncByteStream):
     def __init__(
         self,
         conn: _Connection,
-        request: httpx.Request,
+        request: httpx.Request | None,
         read_timeout: float | None,
         head_only: bool,
     ) -> None:
@@ -506,7 +506,7 @@ class _Pool:
         return conn
 
     async def acquire(
-        self, timeouts: dict | None, request: httpx.Request, fresh: bool = False
+        self, timeouts: dict | None, request: httpx.Request | None, fresh: bool = False
     ) -> _Connection:
         """A connection ready for a request: an idle one (unless ``fresh``), a new one if a slot
         is free, else the first one freed within the pool timeout."""
@@ -573,7 +573,7 @@ class _Pool:
         except ValueError:
             pass
 
-    async def _connect(self, timeout: float | None, request: httpx.Request) -> _Connection:
+    async def _connect(self, timeout: float | None, request: httpx.Request | None) -> _Connection:
         """Open a connection in a slot the caller holds; on failure the slot is freed."""
         loop = self.loop
         try:
@@ -650,17 +650,47 @@ class Http11Transport(httpx.AsyncBaseTransport):
             )
         if self._closed:
             raise httpx.ConnectError("transport closed", request=request)
-        key = (url.host, url.port or 80)
+        data = await _serialize(request)
+        timeouts = request.extensions.get("timeout")
+        head_only = request.method == "HEAD"
+        stream = await self._exchange(url.host, url.port or 80, data, timeouts, request, head_only)
+        return httpx.Response(
+            stream.status,
+            headers=stream.headers,
+            stream=stream,
+            request=request,
+            extensions={"http_version": b"HTTP/1.1", "reason_phrase": stream.reason},
+        )
+
+    async def send_bytes(
+        self, host: str, port: int, data: bytes, timeouts: dict | None
+    ) -> _ResponseStream:
+        """Send a request the caller wrote as bytes (request line, headers with no CR or LF
+        inside a value, blank line, body framed by its content-length) and return its response
+        once the head is in: `status`, `headers` (raw pairs) and the body as an async iterator
+        of chunks; `aclose()` before the end closes the connection. The same pool, timeouts,
+        retry and errors (httpx's) as `handle_async_request`, without building an
+        httpx.Request and httpx.Response: for a caller on a hot path that knows its request."""
+        if self._closed:
+            raise httpx.ConnectError("transport closed")
+        return await self._exchange(host, port, data, timeouts, None, False)
+
+    async def _exchange(
+        self,
+        host: str,
+        port: int,
+        data: bytes,
+        timeouts: dict | None,
+        request: httpx.Request | None,
+        head_only: bool,
+    ) -> _ResponseStream:
+        key = (host, port)
         pool = self._pools.get(key)
         if pool is None:
             pool = self._pools[key] = _Pool(
-                key[0], key[1], self._max_connections, self._keepalive_expiry
+                host, port, self._max_connections, self._keepalive_expiry
             )
-        timeouts = request.extensions.get("timeout")
         read_timeout = timeouts.get("read") if timeouts else None
-        data = await _serialize(request)
-        head_only = request.method == "HEAD"
-
         conn = await pool.acquire(timeouts, request)
         retried = False
         while True:
@@ -670,19 +700,12 @@ class Http11Transport(httpx.AsyncBaseTransport):
                 if not await stream._wait():
                     raise httpx.ReadTimeout("timed out waiting for the response", request=request)
             if stream._head_done:
-                break
+                return stream
             if stream._retryable and not retried:
                 retried = True
                 conn = await pool.acquire(timeouts, request, fresh=True)
                 continue
-            raise stream._exc
-        return httpx.Response(
-            stream.status,
-            headers=stream.headers,
-            stream=stream,
-            request=request,
-            extensions={"http_version": b"HTTP/1.1", "reason_phrase": stream.reason},
-        )
+            raise stream._exc  # type: ignore[misc]
 
     async def aclose(self) -> None:
         self._closed = True

@@ -25,7 +25,7 @@ from tide_vllm.domain.chat.entity import (
 )
 from tide_vllm.domain.chat.repository import ChatRepository
 
-from .vllm_client import Reply, VLLMClient
+from .vllm_client import Reply, VLLMClient, header, read_body
 
 EVENT_END = b"\n\n"
 
@@ -76,7 +76,7 @@ class VLLMChatRepository(ChatRepository):
     # -- OpenAI requests, carried opaquely ------------------------------------------------
     async def relay(self, chat: OpenAIChat) -> bytes:
         response = await self._post(chat.payload, chat.request_id)
-        if "json" not in response.headers.get("content-type", ""):
+        if "json" not in response.content_type:
             raise EngineFailed("vLLM returned a body that is not JSON")
         return response.content
 
@@ -109,19 +109,19 @@ class VLLMChatRepository(ChatRepository):
     ) -> AsyncIterator[bytes]:
         """The answer's blocks of whole server-sent events (each ending in a blank line), passed
         on as soon as they are complete: a chunk that holds several events is one block, never
-        split or held. Read from the transport's stream as it comes (what httpx's `aiter_raw`
-        would give, without its layers); leaving early closes the connection, which makes vLLM
+        split or held. Read from the transport as it comes (what httpx's `aiter_raw` would
+        give, without its layers); leaving early closes the connection, which makes vLLM
         abort the generation."""
         with _translated(self.client):
             response = await self.client.open_chat_stream(payload, request_id)
         try:
             with _translated(self.client):
-                if response.status_code >= 400:
-                    raise _upstream_error(response.status_code, await response.aread())
-                if "text/event-stream" not in response.headers.get("content-type", ""):
+                if response.status >= 400:
+                    raise _upstream_error(response.status, await read_body(response))
+                if "text/event-stream" not in header(response, b"content-type"):
                     raise EngineFailed("vLLM did not answer with an event stream")
                 buffer = b""
-                async for chunk in response.stream:  # type: ignore[union-attr]
+                async for chunk in response:
                     buffer += chunk
                     end = buffer.rfind(EVENT_END)
                     if end >= 0:
