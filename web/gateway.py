@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextvars
 import hmac
 import logging
-import os
+import random
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -75,6 +75,9 @@ class _Access:
 
 ACCESS = _Access()
 
+_random_bits = random.getrandbits
+_UUID4_KEEP = ~(0xF000 << 64 | 0xC000 << 48)  # version and variant bits cleared,
+_UUID4_SET = 0x4000 << 64 | 0x8000 << 48  # then set: version 4, RFC 4122 variant
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 # A request id travels in HTTP headers: printable ASCII, no space at either end.
 REQUEST_ID_PATTERN = r"^[\x21-\x7e](?:[\x20-\x7e]{0,254}[\x21-\x7e])?$"
@@ -90,9 +93,11 @@ SHUTTING_DOWN = "tide-vllm is shutting down"
 
 
 def new_request_id() -> str:
-    """A random UUID4 as text, as `str(uuid.uuid4())` makes it, in half the time."""
-    h = os.urandom(16).hex()
-    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:]}"
+    """A random UUID4 as text, as `str(uuid.uuid4())` makes it, without its system call per
+    id (os.urandom): random's generator, seeded from the OS and reseeded in a forked child,
+    makes ids as unique, and request ids are not secrets."""
+    h = f"{_random_bits(128) & _UUID4_KEEP | _UUID4_SET:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def valid_request_id(value: Any) -> str | None:
@@ -237,12 +242,9 @@ class GatewayMiddleware:
         m = self.metrics
         m.observe_request(route, shape, status, took)
         usage = state.get("usage")
-        if usage:
-            m.prompt_tokens.labels(shape).inc(usage[0])
-            m.completion_tokens.labels(shape).inc(usage[1])
         first_token = state.get("first_token_at")
-        if first_token:
-            m.ttft.labels(shape).observe(first_token - state["started"])
+        if usage or first_token:
+            m.observe_chat(shape, usage, first_token and first_token - state["started"])
         if route in OPEN_PATHS or route == "/metrics":
             return  # probes and scrapes every few seconds would drown the access log
         if not access_log.isEnabledFor(logging.INFO):

@@ -43,6 +43,7 @@ class _EngineCollector(Collector):
 class Metrics:
     def __init__(self) -> None:
         self._children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+        self._shape_children: dict[str, tuple[Counter, Counter, Histogram]] = {}
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
@@ -90,6 +91,24 @@ class Metrics:
             self._children[key] = children
         children[0].inc()
         children[1].observe(took)
+
+    def observe_chat(
+        self, shape: str, usage: tuple[int, int] | None, first_token: float | None
+    ) -> None:
+        """A chat's token counts and, for a stream, its time to the first token."""
+        children = self._shape_children.get(shape)
+        if children is None:
+            children = (
+                self.prompt_tokens.labels(shape),
+                self.completion_tokens.labels(shape),
+                self.ttft.labels(shape),
+            )
+            self._shape_children[shape] = children
+        if usage:
+            children[0].inc(usage[0])
+            children[1].inc(usage[1])
+        if first_token is not None:
+            children[2].observe(first_token)
 
     def read_in_flight(self, count: Callable[[], int]) -> bool:
         """Let the in-flight gauge read `count` when scraped (nothing to do per request);
