@@ -141,7 +141,9 @@ async def test_a_chunk_holding_several_events_loses_none_of_them(client):
     respx.post(f"{BASE}/v1/chat/completions").respond(
         200, text=body, headers={"content-type": "text/event-stream"}
     )
-    deltas = [d async for d in VLLMChatRepository(client).stream(CHAT)]
+    batches = [b async for b in VLLMChatRepository(client).stream(CHAT)]
+    assert len(batches) == 1  # they arrived together
+    deltas = batches[0]
     assert [d.content for d in deltas] == ["Par", "is", ""]
     assert deltas[-1].finish_reason == "stop"
     assert deltas[-1].usage is not None and deltas[-1].usage.total_tokens == 6

@@ -33,7 +33,7 @@ class ChatHandler:
         self.ensure_engine()
         return await self.repository.complete(chat)
 
-    def stream(self, chat: ChatEntity) -> AsyncIterator[ChatDelta]:
+    def stream(self, chat: ChatEntity) -> AsyncIterator[list[ChatDelta]]:
         self.ensure_engine()
         return self.repository.stream(chat)
 

@@ -384,40 +384,49 @@ def _note_openai_event(state: dict[str, Any], event: bytes) -> None:
 
 
 async def _tide_events(
-    state: dict[str, Any], model: str, deltas: AsyncIterator[ChatDelta]
+    state: dict[str, Any], model: str, batches: AsyncIterator[list[ChatDelta]]
 ) -> AsyncIterator[bytes]:
-    """The Tide stream: one event per text delta, in the response's own shape; the last event
-    has empty content, the finish reason and the usage, and goes out with `[DONE]` in one
-    write (text deltas never carry a finish reason or usage)."""
+    """The Tide stream: one event per text delta, in the response's own shape, the events of
+    deltas that arrived together in one write; the last event has empty content, the finish
+    reason and the usage, and goes out with `[DONE]` (text deltas never carry a finish reason
+    or usage). After it the batches are read to their end, so vLLM's connection is reused."""
     request_id = state["request_id"]
     try:
-        async for delta in deltas:
-            event = {
-                "request_id": request_id,
-                "content": delta.content,
-                "model": model,
-                "usage": None,
-                "finish_reason": delta.finish_reason,
-                "error": None,
-            }
-            if delta.content and "first_token_at" not in state:
-                state["first_token_at"] = time.perf_counter()
-            if delta.usage is not None:
-                u = delta.usage
-                state["usage"] = (u.prompt_tokens, u.completion_tokens)
-                event["usage"] = {
-                    "prompt_tokens": u.prompt_tokens,
-                    "completion_tokens": u.completion_tokens,
-                    "total_tokens": u.total_tokens,
+        async for deltas in batches:
+            events = []
+            last = False
+            for delta in deltas:
+                event = {
+                    "request_id": request_id,
+                    "content": delta.content,
+                    "model": model,
+                    "usage": None,
+                    "finish_reason": delta.finish_reason,
+                    "error": None,
                 }
-            data = b"data: " + orjson.dumps(event) + b"\n\n"
-            if delta.finish_reason is not None or delta.usage is not None:
-                yield data + DONE
+                if delta.content and "first_token_at" not in state:
+                    state["first_token_at"] = time.perf_counter()
+                if delta.usage is not None:
+                    u = delta.usage
+                    state["usage"] = (u.prompt_tokens, u.completion_tokens)
+                    event["usage"] = {
+                        "prompt_tokens": u.prompt_tokens,
+                        "completion_tokens": u.completion_tokens,
+                        "total_tokens": u.total_tokens,
+                    }
+                events.append(b"data: " + orjson.dumps(event) + b"\n\n")
+                if delta.finish_reason is not None or delta.usage is not None:
+                    last = True
+                    events.append(DONE)
+                    break
+            yield b"".join(events)
+            if last:
+                async for _ in batches:
+                    pass
                 return
-            yield data
         yield DONE
     finally:
-        await deltas.aclose()  # type: ignore[attr-defined]
+        await batches.aclose()  # type: ignore[attr-defined]
 
 
 def _openai_error_event(exc: ChatError) -> bytes:

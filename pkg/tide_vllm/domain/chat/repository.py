@@ -18,9 +18,10 @@ class ChatRepository(ABC):
         """Run one chat."""
 
     @abstractmethod
-    def stream(self, chat: ChatEntity) -> AsyncIterator[ChatDelta]:
-        """Run one chat, yielding the text as it is generated; the last delta carries the
-        finish reason and usage."""
+    def stream(self, chat: ChatEntity) -> AsyncIterator[list[ChatDelta]]:
+        """Run one chat, yielding the text as it is generated: the deltas that arrived
+        together, in one list. The last delta carries the finish reason and usage; the
+        stream may go on after it, yielding nothing, while the answer's end is read."""
 
     @abstractmethod
     async def relay(self, chat: OpenAIChat) -> bytes:

@@ -50,28 +50,38 @@ class VLLMChatRepository(ChatRepository):
         except (KeyError, IndexError, TypeError, ValueError, AttributeError):
             raise EngineFailed("vLLM returned a body that is not a chat completion") from None
 
-    async def stream(self, chat: ChatEntity) -> AsyncIterator[ChatDelta]:
+    async def stream(self, chat: ChatEntity) -> AsyncIterator[list[ChatDelta]]:
         payload = {**_payload(chat), "stream": True, "stream_options": {"include_usage": True}}
         finish_reason: str | None = None
         usage: Usage | None = None
+        done = False  # `data: [DONE]` came; what follows is read only to reuse the connection
         blocks = self._event_blocks(payload, chat.request_id)
         try:
             async for block in blocks:
+                if done:
+                    continue
+                deltas = []
                 for data in _data_lines(block):
                     if data == b"[DONE]":
+                        done = True
                         break
                     chunk = _json_object(data)
                     if "error" in chunk:
                         raise _error_from_body(chunk, 502)
                     usage = _usage(chunk.get("usage")) or usage
-                    for choice in chunk.get("choices") or []:
+                    for choice in chunk.get("choices") or ():
                         text = (choice.get("delta") or {}).get("content") or ""
                         finish_reason = choice.get("finish_reason") or finish_reason
                         if text:
-                            yield ChatDelta(content=text)
+                            deltas.append(ChatDelta(content=text))
+                if done:  # the last delta goes with the text that came with it
+                    deltas.append(ChatDelta(finish_reason=finish_reason, usage=usage))
+                if deltas:
+                    yield deltas
         finally:
             await blocks.aclose()
-        yield ChatDelta(finish_reason=finish_reason, usage=usage)
+        if not done:
+            yield [ChatDelta(finish_reason=finish_reason, usage=usage)]
 
     # -- OpenAI requests, carried opaquely ------------------------------------------------
     async def relay(self, chat: OpenAIChat) -> bytes:
