@@ -5,6 +5,7 @@ tests can assert what vLLM would have seen. The user's last message steers it:
   "hang"  — answer nothing for 30 s (the non-streaming body is sent as a stream, so the server
             notices a disconnect, as vLLM does, and records it)
   "slow"  — stream 100 chunks, 50 ms apart
+  "held"  — a stream whose head is sent at once and whose events wait for `recorder.release`
   "fail500" — a 500 with vLLM's error body;  "html" — a 200 that is not JSON
 Anything else gets a quick answer. Model "fake-model" is served; any other is a 404.
 """
@@ -33,6 +34,10 @@ class Recorder:
     headers: list[dict[str, str]] = field(default_factory=list)
     abandoned: list[float] = field(default_factory=list)  # monotonic time of each abandonment
     peers: list[tuple[str, int]] = field(default_factory=list)  # the client's address, each request
+    release: threading.Event = field(default_factory=threading.Event)  # lets "held" streams go
+
+    def __post_init__(self) -> None:
+        self.release.set()
 
     def clear(self) -> None:
         self.bodies.clear()
@@ -168,6 +173,8 @@ def build_upstream(recorder: Recorder) -> Starlette:
     async def stream(body: dict[str, Any], last: Any):
         finished = False
         try:
+            while last == "held" and not recorder.release.is_set():
+                await asyncio.sleep(0.01)
             n = body.get("n") or 1
             for i in range(n):
                 yield chunk(body, {"role": "assistant", "content": ""}, index=i)

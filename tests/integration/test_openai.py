@@ -171,6 +171,28 @@ def test_streams_read_to_their_end_leave_the_upstream_connection_for_the_next(ti
     assert len(set(recorder.peers)) == 1
 
 
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/chat/completions"])
+def test_a_streams_head_arrives_once_vllm_accepts_before_the_first_token(tide, recorder, path):
+    # vLLM answers a stream's head at once and its first token after the prompt is processed
+    # (seconds, for a long prompt); the client learns its request was accepted meanwhile.
+    held = [{"role": "user", "content": "held"}]
+    body = {"model": MODEL, "messages": held, "stream": True}
+    if path == "/chat/completions":
+        body = {"prompt": "held", "stream": True}
+    recorder.release.clear()
+    try:
+        with httpx.stream("POST", tide.url + path, json=body, timeout=5) as r:
+            assert r.status_code == 200 and not recorder.release.is_set()  # no event yet
+            assert r.headers["content-type"].startswith("text/event-stream")
+            recorder.release.set()
+            text = r.read()
+    finally:
+        recorder.release.set()
+    events = [line[6:] for line in text.decode().splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    assert all(json.loads(event).get("error") is None for event in events[:-1])
+
+
 def test_a_body_with_prompt_and_messages_is_a_400_naming_both(tide):
     r = httpx.post(tide.url + "/v1/chat/completions", json={"prompt": "hi", "messages": HI})
     assert r.status_code == 400

@@ -215,10 +215,12 @@ class ChatEndpoint:
             async for event in events:
                 if ended:
                     continue  # nothing follows [DONE]; read on so the connection can be reused
+                if not exchange.started:  # vLLM accepted the request (the empty first event)
+                    await exchange.start(200, SSE_HEADERS)  # the head leaves with the next write,
+                if not event:  # or at the end of this turn if the first token is not in yet
+                    continue
                 if note is not None:
                     note(exchange.state, event)
-                if not exchange.started:
-                    await exchange.start(200, SSE_HEADERS)
                 # The block ending in [DONE] also ends the body: one write fewer per stream.
                 ended = exchange.completed = event.endswith(DONE)
                 await send({"type": "http.response.body", "body": event, "more_body": not ended})
@@ -393,6 +395,9 @@ async def _tide_events(
     request_id = state["request_id"]
     try:
         async for deltas in batches:
+            if not deltas:  # vLLM accepted the request
+                yield b""
+                continue
             events = []
             last = False
             for delta in deltas:

@@ -19,9 +19,10 @@ class ChatRepository(ABC):
 
     @abstractmethod
     def stream(self, chat: ChatEntity) -> AsyncIterator[list[ChatDelta]]:
-        """Run one chat, yielding the text as it is generated: the deltas that arrived
-        together, in one list. The last delta carries the finish reason and usage; the
-        stream may go on after it, yielding nothing, while the answer's end is read."""
+        """Run one chat, yielding the text as it is generated: first an empty list once the
+        engine has accepted the request, then the deltas that arrived together, in one list.
+        The last delta carries the finish reason and usage; the stream may go on after it,
+        yielding nothing, while the answer's end is read."""
 
     @abstractmethod
     async def relay(self, chat: OpenAIChat) -> bytes:
@@ -29,7 +30,8 @@ class ChatRepository(ABC):
 
     @abstractmethod
     def relay_stream(self, chat: OpenAIChat) -> AsyncIterator[bytes]:
-        """vLLM's server-sent events for an OpenAI request, whole events as they arrive."""
+        """vLLM's server-sent events for an OpenAI request, whole events as they arrive,
+        after an empty block once vLLM has accepted the request."""
 
     @abstractmethod
     async def models(self) -> bytes:

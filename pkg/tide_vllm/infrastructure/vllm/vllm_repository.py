@@ -76,7 +76,7 @@ class VLLMChatRepository(ChatRepository):
                             deltas.append(ChatDelta(content=text))
                 if done:  # the last delta goes with the text that came with it
                     deltas.append(ChatDelta(finish_reason=finish_reason, usage=usage))
-                if deltas:
+                if deltas or not block:  # an empty block: vLLM accepted the request
                     yield deltas
         finally:
             await blocks.aclose()
@@ -119,9 +119,10 @@ class VLLMChatRepository(ChatRepository):
     ) -> AsyncIterator[bytes]:
         """The answer's blocks of whole server-sent events (each ending in a blank line), passed
         on as soon as they are complete: a chunk that holds several events is one block, never
-        split or held. Read from the transport as it comes (what httpx's `aiter_raw` would
-        give, without its layers); leaving early closes the connection, which makes vLLM
-        abort the generation."""
+        split or held. The first block is empty: vLLM accepted the request (its answer's head
+        is in), so the caller can start its own answer before the first token. Read from the
+        transport as it comes (what httpx's `aiter_raw` would give, without its layers);
+        leaving early closes the connection, which makes vLLM abort the generation."""
         with _translated(self.client):
             response = await self.client.open_chat_stream(payload, request_id)
         try:
@@ -130,6 +131,7 @@ class VLLMChatRepository(ChatRepository):
                     raise _upstream_error(response.status, await read_body(response))
                 if "text/event-stream" not in header(response, b"content-type"):
                     raise EngineFailed("vLLM did not answer with an event stream")
+                yield b""  # vLLM accepted the request; its events follow
                 buffer = b""
                 async for chunk in response:
                     buffer += chunk
