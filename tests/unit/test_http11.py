@@ -512,6 +512,20 @@ async def test_a_pause_between_body_chunks_is_a_read_timeout(client):
             await anext(parts)
 
 
+async def test_a_short_read_timeout_after_a_long_one_on_the_same_connection_still_holds(client):
+    async def handler(req, reader, writer, conn):
+        if req.target == b"/quick":
+            writer.write(response(b"ok"))  # else never answers
+
+    c, upstream = await client(handler)
+    assert (await c.get("/quick", timeout=httpx.Timeout(1.0, read=30))).text == "ok"
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(httpx.ReadTimeout):
+        await c.get("/silent", timeout=httpx.Timeout(1.0, read=0.1))
+    assert asyncio.get_running_loop().time() - started < 1.0  # not the 30 s of the first
+    assert upstream.accepts == 1  # the same connection
+
+
 async def test_a_refused_connection_is_a_connect_error(make_transport):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

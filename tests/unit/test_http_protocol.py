@@ -99,10 +99,15 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
 
 
 @contextlib.asynccontextmanager
-async def serving(asgi: Any = app) -> AsyncIterator[int]:
+async def serving(asgi: Any = app, **settings: Any) -> AsyncIterator[int]:
     port = free_port()
     config = uvicorn.Config(
-        asgi, port=port, http=HeadHoldingHttpToolsProtocol, lifespan="off", log_config=None
+        asgi,
+        port=port,
+        http=HeadHoldingHttpToolsProtocol,
+        lifespan="off",
+        log_config=None,
+        **settings,
     )
     server = uvicorn.Server(config)
     task = asyncio.get_running_loop().create_task(server.serve())
@@ -140,3 +145,28 @@ async def test_a_large_body_is_not_cut(size):
     async with serving(big) as port, httpx.AsyncClient() as client:
         response = await client.get(f"http://127.0.0.1:{port}/")
     assert response.content == body
+
+
+async def test_an_idle_connection_is_closed_after_the_keep_alive_timeout_a_busy_one_is_not():
+    async with serving(timeout_keep_alive=0.3) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        request = b"GET /x HTTP/1.1\r\nhost: t\r\n\r\n"
+        answer = b"HTTP/1.1 200 OK\r\n"
+        for _ in range(6):  # 0.6 s of requests 0.1 s apart: longer than the timeout, never idle
+            writer.write(request)
+            assert (await reader.readuntil(b"\r\n\r\n/x")).startswith(answer)
+            await asyncio.sleep(0.1)
+        started = asyncio.get_running_loop().time()
+        assert await asyncio.wait_for(reader.read(), 2) == b""  # closed by the server
+        idle = asyncio.get_running_loop().time() - started
+        assert 0.1 < idle < 1.0  # after 0.3 s idle (0.2 s more here), not at once nor never
+        writer.close()
+
+
+async def test_pipelined_requests_are_answered_in_order():
+    async with serving() as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"".join(b"GET /p%d HTTP/1.1\r\nhost: t\r\n\r\n" % i for i in range(3)))
+        answers = [await reader.readuntil(b"\r\n\r\n/p%d" % i) for i in range(3)]
+        assert all(a.startswith(b"HTTP/1.1 200 OK\r\n") for a in answers)
+        writer.close()

@@ -120,21 +120,19 @@ class _ResponseStream(httpx.AsyncByteStream):
         self.reason = b""
 
     async def _wait(self) -> bool:
-        """Wait for the protocol to wake us; False if the read timeout expired first. On any
-        exception (cancellation) the connection is closed, then the exception re-raised."""
+        """Wait for the protocol to wake us; False if the read timeout expired first (the
+        connection's timer, see `_Connection.watch`). On any exception (cancellation) the
+        connection is closed, then the exception re-raised."""
         fut = self._waiter = self._loop.create_future()
         timeout = self._read_timeout
-        timer = None if timeout is None else self._loop.call_later(timeout, _expire, fut)
+        if timeout is not None:
+            self._conn.watch(self._loop.time() + timeout)  # type: ignore[union-attr]
         try:
             woke = await fut
         except BaseException:
             self._waiter = None
-            if timer is not None:
-                timer.cancel()
             self._abort()
             raise
-        if timer is not None:
-            timer.cancel()
         if not woke:
             self._waiter = None
             self._abort()
@@ -199,6 +197,9 @@ class _Connection(asyncio.Protocol):
         "counted",
         "idle",
         "idle_since",
+        "deadline",
+        "timer",
+        "timer_at",
     )
 
     def __init__(self, pool: _Pool) -> None:
@@ -217,6 +218,9 @@ class _Connection(asyncio.Protocol):
         self.counted = False  # holds one of the pool's slots
         self.idle = False
         self.idle_since = 0.0
+        self.deadline = 0.0  # the read timeout of the response being waited for ends then
+        self.timer: asyncio.TimerHandle | None = None
+        self.timer_at = 0.0
 
     # -- asyncio callbacks
 
@@ -325,6 +329,38 @@ class _Connection(asyncio.Protocol):
         else:
             self.close()
 
+    # -- the read timeout
+
+    def watch(self, deadline: float) -> None:
+        """Wake the response's waiter with False (timed out) if it still waits at `deadline`.
+        One timer per connection, looked at when it fires, instead of a timer armed and
+        cancelled for every wait (a wait per response and per streamed chunk)."""
+        self.deadline = deadline
+        timer = self.timer
+        if timer is None or deadline < self.timer_at:
+            if timer is not None:
+                timer.cancel()
+            self.timer = self.loop.call_at(deadline, self._due)
+            self.timer_at = deadline
+
+    def _due(self) -> None:
+        self.timer = None
+        s = self.stream
+        waiter = None if s is None else s._waiter
+        if waiter is None or waiter.done():
+            return  # nothing waits; the next wait arms the timer again
+        if self.loop.time() + 0.001 >= self.deadline:  # the loop's clock has 1 ms steps
+            _expire(waiter)
+        else:
+            self.timer = self.loop.call_at(self.deadline, self._due)
+            self.timer_at = self.deadline
+
+    def _stop_watching(self) -> None:
+        timer = self.timer
+        if timer is not None:
+            self.timer = None
+            timer.cancel()
+
     # -- used by the pool and the stream
 
     def send(self, data: bytes, stream: _ResponseStream) -> None:
@@ -347,6 +383,7 @@ class _Connection(asyncio.Protocol):
         if self.closed:
             return
         self.closed = True
+        self._stop_watching()
         self.transport.close()
         self.pool.forget(self)
 
@@ -365,6 +402,7 @@ class _Connection(asyncio.Protocol):
         if self.closed:
             return
         self.closed = True
+        self._stop_watching()
         self.pool.forget(self)
         s = self.stream
         if s is None:
