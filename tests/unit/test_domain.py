@@ -99,3 +99,16 @@ def test_a_malformed_openai_request_names_its_field(body, field):
     with pytest.raises(InvalidChatRequest) as info:
         ChatFactory(DEFAULTS).from_openai(body)
     assert info.value.field == field
+
+
+def test_the_tide_answer_body_is_what_its_schema_describes():
+    from tide_vllm.domain.chat.entity import ChatResult, Usage
+    from web.modules.tidevllm.schemas import TideChatResponse
+
+    for result in (
+        ChatResult("r-1", "Hello ü", "m", Usage(3, 2, 5), "stop"),
+        ChatResult("r-2", "", "m"),
+    ):
+        body = TideChatResponse.body_of(result)
+        assert TideChatResponse.model_validate(body).model_dump() == body
+        assert list(body) == list(TideChatResponse.model_fields)

@@ -186,7 +186,7 @@ class ChatEndpoint:
         state["usage"] = (result.usage.prompt_tokens, result.usage.completion_tokens)
         if self.log_prompts:
             log.info("completion: %s", result.content)
-        answer = TideChatResponse.from_result(result).model_dump()
+        answer = TideChatResponse.body_of(result)
         await exchange.respond(200, orjson.dumps(answer), JSON)
 
     async def _sse(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from tide_vllm.domain.chat.entity import ChatResult
@@ -48,20 +50,24 @@ class TideChatResponse(BaseModel):
     finish_reason: str | None
     error: str | None = None
 
-    @classmethod
-    def from_result(cls, result: ChatResult) -> TideChatResponse:
+    @staticmethod
+    def body_of(result: ChatResult) -> dict[str, Any]:
+        """The answer to `result` as the JSON object this model describes, built directly:
+        building the model and dumping it took ~5 µs a request (a unit test checks the two
+        agree)."""
         u = result.usage
-        return cls(
-            request_id=result.request_id,
-            content=result.content,
-            model=result.model,
-            usage=UsageBody(
-                prompt_tokens=u.prompt_tokens,
-                completion_tokens=u.completion_tokens,
-                total_tokens=u.total_tokens,
-            ),
-            finish_reason=result.finish_reason,
-        )
+        return {
+            "request_id": result.request_id,
+            "content": result.content,
+            "model": result.model,
+            "usage": {
+                "prompt_tokens": u.prompt_tokens,
+                "completion_tokens": u.completion_tokens,
+                "total_tokens": u.total_tokens,
+            },
+            "finish_reason": result.finish_reason,
+            "error": None,
+        }
 
     @classmethod
     def failure(cls, request_id: str, model: str, error: str) -> TideChatResponse:
