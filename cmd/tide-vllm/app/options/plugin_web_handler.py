@@ -141,13 +141,21 @@ def build_app_for(
     )
 
 
+# The collector's thresholds while serving (Python's: 700, 10, 10). Requests in flight are
+# young objects that die by reference counting within milliseconds; collected every 700
+# allocations, they were walked again and again while alive, and promoted to be walked again:
+# 8 % of the instructions per request at 32 connections, 6 % at 256 (callgrind).
+GC_THRESHOLDS = (10_000, 50, 100)
+
+
 def freeze_startup_objects() -> None:
     """Move every object alive after start-up (modules, the app, its schemas: a few hundred
     thousand) out of the garbage collector's reach. They live as long as the process, and
     without this each full collection walks them all while requests wait: at 32 connections
-    p99 went from ~55 ms to ~25 ms (`make bench`)."""
+    p99 went from ~55 ms to ~25 ms (`make bench`). Then collect less often (GC_THRESHOLDS)."""
     gc.collect()
     gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def server_config(app: ASGIApp, **settings: Any) -> uvicorn.Config:
