@@ -219,9 +219,11 @@ class ChatEndpoint:
             async for event in events:
                 if ended:
                     continue  # nothing follows [DONE]; read on so the connection can be reused
-                if not exchange.started:  # vLLM accepted the request (the empty first event)
-                    await exchange.start(200, SSE_HEADERS)  # the head leaves with the next write,
-                if not event:  # or at the end of this turn if the first token is not in yet
+                # The first event is empty: vLLM accepted the request. The head leaves with
+                # the next write, or at the end of this turn if the first token is not in yet.
+                if not exchange.started:
+                    await exchange.start(200, SSE_HEADERS)
+                if not event:
                     continue
                 if note is not None:
                     note(exchange.state, event)
