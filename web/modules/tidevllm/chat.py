@@ -354,8 +354,8 @@ class _Exchange:
             raise ClientDisconnected()
         return result
 
-    def _start_watching(self, loop: asyncio.AbstractEventLoop, task: asyncio.Task[Any]) -> None:
-        self._watcher = loop.create_task(self._watch(task))
+    def _start_watching(self, task: asyncio.Task[Any]) -> None:
+        self._watcher = self._watchdog.loop.create_task(self._watch(task))
 
     async def _watch(self, task: asyncio.Task[Any]) -> None:
         while (await self.receive())["type"] != "http.disconnect":
@@ -392,7 +392,7 @@ class _Watchdog:
         due = self.loop.time() - WATCH_AFTER
         for exchange in [e for e, (since, _) in running.items() if since <= due]:
             _, task = running.pop(exchange)
-            exchange._start_watching(self.loop, task)
+            exchange._start_watching(task)
         if running:
             self._timer = self.loop.call_later(WATCH_AFTER / 2, self._tick)
 

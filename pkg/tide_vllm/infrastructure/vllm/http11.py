@@ -686,8 +686,6 @@ class Http11Transport(httpx.AsyncBaseTransport):
             raise httpx.UnsupportedProtocol(
                 f"Http11Transport speaks plain http only, not {url.scheme!r}", request=request
             )
-        if self._closed:
-            raise httpx.ConnectError("transport closed", request=request)
         data = await _serialize(request)
         timeouts = request.extensions.get("timeout")
         head_only = request.method == "HEAD"
@@ -709,8 +707,6 @@ class Http11Transport(httpx.AsyncBaseTransport):
         of chunks; `aclose()` before the end closes the connection. The same pool, timeouts,
         retry and errors (httpx's) as `handle_async_request`, without building an
         httpx.Request and httpx.Response: for a caller on a hot path that knows its request."""
-        if self._closed:
-            raise httpx.ConnectError("transport closed")
         return await self._exchange(host, port, data, timeouts, None, False)
 
     async def _exchange(
@@ -722,6 +718,8 @@ class Http11Transport(httpx.AsyncBaseTransport):
         request: httpx.Request | None,
         head_only: bool,
     ) -> _ResponseStream:
+        if self._closed:
+            raise httpx.ConnectError("transport closed", request=request)
         key = (host, port)
         pool = self._pools.get(key)
         if pool is None:
