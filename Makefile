@@ -2,7 +2,8 @@
 # Both create what they need: the venv (.venv), vLLM (the CPU build where there is no NVIDIA GPU)
 # and the demo model (cached in $(CACHE_DIR), outside the repository).
 
-PYTHON     ?= $(shell command -v python3.11 || command -v python3)
+# The venv's Python: the fastest Python 3.11 here (scripts/pick-python.sh), or PYTHON=... given.
+PYTHON     ?=
 VENV       := .venv
 PY         := $(VENV)/bin/python
 CACHE_DIR  ?= $(HOME)/.cache/tide-vllm
@@ -15,7 +16,7 @@ STAMP      := $(VENV)/.installed
 install: $(STAMP)
 
 $(STAMP): pyproject.toml scripts/install-vllm.sh
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	test -x $(PY) || "$(or $(PYTHON),$$(bash scripts/pick-python.sh))" -m venv $(VENV)
 	bash scripts/install-vllm.sh $(PY)
 	touch $@
 
