@@ -3,8 +3,7 @@ the domain's errors."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import httpx
@@ -100,16 +99,20 @@ class VLLMChatRepository(ChatRepository):
         return await self._get(self.client.get_metrics)
 
     async def _get(self, fetch: Callable[[], Awaitable[httpx.Response]]) -> bytes:
-        with _translated(self.client):
+        try:
             response = await fetch()
+        except httpx.TransportError as exc:
+            raise _engine_error(exc, self.client) from None
         if response.status_code >= 400:
             raise _upstream_error(response.status_code, response.content)
         return response.content
 
     # -- transport ------------------------------------------------------------------------
     async def _post(self, payload: Mapping[str, Any], request_id: str) -> Reply:
-        with _translated(self.client):
+        try:
             response = await self.client.chat_completions(payload, request_id)
+        except httpx.TransportError as exc:
+            raise _engine_error(exc, self.client) from None
         if response.status_code >= 400:
             raise _upstream_error(response.status_code, response.content)
         return response
@@ -123,10 +126,12 @@ class VLLMChatRepository(ChatRepository):
         is in), so the caller can start its own answer before the first token. Read from the
         transport as it comes (what httpx's `aiter_raw` would give, without its layers);
         leaving early closes the connection, which makes vLLM abort the generation."""
-        with _translated(self.client):
-            response = await self.client.open_chat_stream(payload, request_id)
         try:
-            with _translated(self.client):
+            response = await self.client.open_chat_stream(payload, request_id)
+        except httpx.TransportError as exc:
+            raise _engine_error(exc, self.client) from None
+        try:
+            try:
                 if response.status >= 400:
                     raise _upstream_error(response.status, await read_body(response))
                 if "text/event-stream" not in header(response, b"content-type"):
@@ -139,24 +144,24 @@ class VLLMChatRepository(ChatRepository):
                     if end >= 0:
                         yield buffer[: end + 2]
                         buffer = buffer[end + 2 :]
+            except httpx.TransportError as exc:
+                raise _engine_error(exc, self.client) from None
             if buffer.strip():
                 yield buffer + EVENT_END
         finally:
             await response.aclose()
 
 
-@contextmanager
-def _translated(client: VLLMClient) -> Iterator[None]:
-    """httpx's errors as the domain's: unreachable → unavailable, slow → timeout."""
-    try:
-        yield
-    except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-        raise EngineUnavailable(f"cannot reach vLLM at {client.base_url}: {exc}") from None
-    except httpx.TimeoutException:
-        raise EngineTimeout(f"vLLM did not answer within {client.timeout:g}s") from None
-    except httpx.TransportError as exc:
-        # The connection broke mid-request: vLLM went away.
-        raise EngineUnavailable(f"lost the connection to vLLM: {exc!r}") from None
+def _engine_error(exc: httpx.TransportError, client: VLLMClient) -> Exception:
+    """An httpx error as the domain's: unreachable → unavailable, slow → timeout. (Caught where
+    it happens rather than by a context manager: entering and leaving a generator-based one
+    cost each stream three objects and two generator steps.)"""
+    if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
+        return EngineUnavailable(f"cannot reach vLLM at {client.base_url}: {exc}")
+    if isinstance(exc, httpx.TimeoutException):
+        return EngineTimeout(f"vLLM did not answer within {client.timeout:g}s")
+    # The connection broke mid-request: vLLM went away.
+    return EngineUnavailable(f"lost the connection to vLLM: {exc!r}")
 
 
 def _data_lines(block: bytes) -> list[bytes]:
