@@ -308,13 +308,15 @@ def throughput_rows(bench: Bench, connections: int, runs: dict[str, WrkResult]) 
 
 def measure_reference(bench: Bench) -> None:
     """The 20-line FastAPI pass-through of FIELD-NOTES (bench/reference_passthrough.py) under
-    the same loads as tide-vllm, OpenAI shape: the floor a FastAPI app starts from, measured
-    in this run so that a slow or busy machine shows in both."""
+    the same loads as tide-vllm, OpenAI shape, then its streams one at a time: the floor a
+    FastAPI app starts from, measured in this run so that a slow or busy machine shows in both."""
     reference = start_reference(bench.python, bench.stub.port, bench.workdir)
     label = "20-line FastAPI pass-through"
     try:
         announce(bench, f"{label}, for reference")
-        bench.raw["reference"] = other_server_loads(bench, reference, label, "reference")
+        raw = other_server_loads(bench, reference, label, "reference")
+        raw["streaming"] = other_server_streams(bench, reference, label, "reference")
+        bench.raw["reference"] = raw
     finally:
         stop(reference)
 
