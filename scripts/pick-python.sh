@@ -17,8 +17,11 @@ def work():
         d = {"i": i, "s": str(i)}
         total += len(d["s"]) + d["i"] % 7
     return total
-best = min((lambda t0: (work(), time.perf_counter() - t0)[1])(time.perf_counter()) for _ in range(5))
-print(f"{best * 1e3:.2f}")
+def timed():
+    start = time.perf_counter()
+    work()
+    return time.perf_counter() - start
+print(f"{min(timed() for _ in range(15)) * 1e3:.2f}")
 '
 
 candidates=()
@@ -34,18 +37,19 @@ for p in $(type -aP python3.11 2>/dev/null || true) /usr/bin/python3.11 /usr/loc
   candidates+=("$real")
 done
 
-if [ ${#candidates[@]} -eq 0 ]; then
-  command -v python3
-  exit 0
-fi
+fallback() {
+  command -v python3 || { echo "pick-python: no python3 on PATH" >&2; exit 1; }
+}
+[ ${#candidates[@]} -gt 0 ] || { fallback; exit; }
 
 best="" best_ms=""
 for p in "${candidates[@]}"; do
-  ms=$("$p" -c "$probe")
+  ms=$("$p" -c "$probe" 2>/dev/null) || continue
   echo "pick-python: $p ${ms} ms" >&2
   if [ -z "$best" ] || awk -v a="$ms" -v b="$best_ms" 'BEGIN { exit !(a < b) }'; then
     best=$p best_ms=$ms
   fi
 done
+[ -n "$best" ] || { fallback; exit; }
 echo "pick-python: using $best" >&2
 echo "$best"
