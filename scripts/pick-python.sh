@@ -49,8 +49,8 @@ fallback() {
 declare -A ms=()
 for round in 1 2 3 4 5 6 7 8 9; do
   for p in "${candidates[@]}"; do
-    t=$("$p" -c "$probe" 2>/dev/null) || { ms[$p]=failed; continue; }
     [ "${ms[$p]:-}" = failed ] && continue
+    t=$("$p" -c "$probe" 2>/dev/null) || { ms[$p]=failed; continue; }
     if [ -z "${ms[$p]:-}" ] || awk -v a="$t" -v b="${ms[$p]}" 'BEGIN { exit !(a < b) }'; then
       ms[$p]=$t
     fi

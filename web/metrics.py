@@ -135,8 +135,7 @@ class _SharedCounts:
     """The same, with several web workers: prometheus_client's metrics, whose values go to the
     files the scrape sums across workers. Labelled children are looked up once per label set."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
-        r = registry
+    def __init__(self, r: CollectorRegistry) -> None:
         self._children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
         self._shape_children: dict[str, tuple[Counter, Counter, Histogram]] = {}
         self.requests = Counter(

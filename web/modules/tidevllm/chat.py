@@ -42,7 +42,7 @@ from .errors import (
     param_and_kind,
     status_of,
 )
-from .schemas import TideChatRequest, TideChatResponse
+from .schemas import TideChatRequest, TideChatResponse, usage_body
 
 T = TypeVar("T")
 
@@ -453,11 +453,7 @@ async def _tide_events(
                 if delta.usage is not None:
                     u = delta.usage
                     state["usage"] = (u.prompt_tokens, u.completion_tokens)
-                    event["usage"] = {
-                        "prompt_tokens": u.prompt_tokens,
-                        "completion_tokens": u.completion_tokens,
-                        "total_tokens": u.total_tokens,
-                    }
+                    event["usage"] = usage_body(u)
                 events.append(b"data: " + orjson.dumps(event) + b"\n\n")
                 if delta.finish_reason is not None or delta.usage is not None:
                     last = True
