@@ -24,7 +24,7 @@ from web.modules.tidevllm.chat import ChatEndpoint, openapi_paths
 from web.modules.tidevllm.controller import router
 from web.modules.tidevllm.errors import install_error_handlers
 
-from .http_protocol import HeadHoldingHttpToolsProtocol
+from .http_protocol import GatewayHttpProtocol
 from .options import Config
 from .workers import WorkerPool
 
@@ -164,7 +164,7 @@ def server_config(app: ASGIApp, **settings: Any) -> uvicorn.Config:
         app,
         log_config=None,
         lifespan="on",
-        http=HeadHoldingHttpToolsProtocol,  # a response's head leaves with its first body bytes
+        http=GatewayHttpProtocol,  # uvicorn's connections, a leaner request cycle
         proxy_headers=False,  # no client address is used: X-Forwarded-For is not read
         access_log=False,  # the gateway writes its own access line
         **settings,
