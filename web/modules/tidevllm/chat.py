@@ -179,8 +179,9 @@ class ChatEndpoint:
         if self.log_prompts:
             log.info("prompt: %s", tide.prompt)
         if tide.stream:
-            events = _tide_events(state, chat.model, app.chat.stream(chat))
-            await self._sse(exchange, events, _tide_error_event(chat.request_id, chat.model))
+            render = _TideEvents(state, chat.model)
+            error_event = _tide_error_event(chat.request_id, chat.model)
+            await self._sse(exchange, app.chat.stream(chat), error_event, render=render)
             return
         result: ChatResult = await exchange.until_disconnect(app.chat.handle(chat))
         state["usage"] = (result.usage.prompt_tokens, result.usage.completion_tokens)
@@ -192,16 +193,18 @@ class ChatEndpoint:
     async def _sse(
         self,
         exchange: _Exchange,
-        events: AsyncIterator[bytes],
+        events: AsyncIterator[Any],
         error_event: Callable[[ChatError], bytes],
         note: Callable[[dict[str, Any], bytes], None] | None = None,
+        render: _TideEvents | None = None,
     ) -> None:
-        """An event stream, each event sent as it comes (`note` sees each first). Errors
-        before the first event are ordinary error responses (status and body); after it, an
-        error event then `[DONE]`, never a silently cut stream. A client that goes away
-        cancels the work, which closes the upstream request."""
+        """An event stream, each event sent as it comes (`render` makes the events' bytes of
+        what comes, if it is not bytes already; `note` sees each first). Errors before the
+        first event are ordinary error responses (status and body); after it, an error event
+        then `[DONE]`, never a silently cut stream. A client that goes away cancels the work,
+        which closes the upstream request."""
         try:
-            relay = self._relay_events(exchange, events, error_event, note)
+            relay = self._relay_events(exchange, events, error_event, note, render)
             await exchange.until_disconnect(relay)
         finally:
             await events.aclose()  # type: ignore[attr-defined]
@@ -209,20 +212,22 @@ class ChatEndpoint:
     async def _relay_events(
         self,
         exchange: _Exchange,
-        events: AsyncIterator[bytes],
+        events: AsyncIterator[Any],
         error_event: Callable[[ChatError], bytes],
         note: Callable[[dict[str, Any], bytes], None] | None,
+        render: _TideEvents | None,
     ) -> None:
         send = exchange.send
         ended = False  # `data: [DONE]` went out as the body's last part
         try:
-            async for event in events:
+            async for item in events:
                 if ended:
                     continue  # nothing follows [DONE]; read on so the connection can be reused
                 # The first event is empty: vLLM accepted the request. The head leaves with
                 # the next write, or at the end of this turn if the first token is not in yet.
                 if not exchange.started:
                     await exchange.start(200, SSE_HEADERS)
+                event = item if render is None else render(item)
                 if not event:
                     continue
                 if note is not None:
@@ -247,7 +252,8 @@ class ChatEndpoint:
             return
         if not exchange.started:
             await exchange.start(200, SSE_HEADERS)
-        await send({"type": "http.response.body", "body": b""})
+        # A stream that ended without [DONE]: a Tide stream still ends with it.
+        await send({"type": "http.response.body", "body": b"" if render is None else DONE})
 
 
 class _Exchange:
@@ -424,49 +430,42 @@ def _note_openai_event(state: dict[str, Any], event: bytes) -> None:
         state["usage"] = usage
 
 
-async def _tide_events(
-    state: dict[str, Any], model: str, batches: AsyncIterator[list[ChatDelta]]
-) -> AsyncIterator[bytes]:
-    """The Tide stream: one event per text delta, in the response's own shape, the events of
-    deltas that arrived together in one write; the last event has empty content, the finish
-    reason and the usage, and goes out with `[DONE]` (text deltas never carry a finish reason
-    or usage). After it the batches are read to their end, so vLLM's connection is reused."""
-    request_id = state["request_id"]
-    try:
-        async for deltas in batches:
-            if not deltas:  # vLLM accepted the request
-                yield b""
-                continue
-            events = []
-            last = False
-            for delta in deltas:
-                event = {
-                    "request_id": request_id,
-                    "content": delta.content,
-                    "model": model,
-                    "usage": None,
-                    "finish_reason": delta.finish_reason,
-                    "error": None,
-                }
-                if delta.content and "first_token_at" not in state:
-                    state["first_token_at"] = time.perf_counter()
-                if delta.usage is not None:
-                    u = delta.usage
-                    state["usage"] = (u.prompt_tokens, u.completion_tokens)
-                    event["usage"] = usage_body(u)
-                events.append(b"data: " + orjson.dumps(event) + b"\n\n")
-                if delta.finish_reason is not None or delta.usage is not None:
-                    last = True
-                    events.append(DONE)
-                    break
-            yield b"".join(events)
-            if last:
-                async for _ in batches:
-                    pass
-                return
-        yield DONE
-    finally:
-        await batches.aclose()  # type: ignore[attr-defined]
+class _TideEvents:
+    """The Tide stream's events, one per text delta, in the response's own shape; the events
+    of deltas that arrived together are one block. The last event has empty content, the
+    finish reason and the usage, and goes out with `[DONE]` (text deltas never carry a finish
+    reason or usage)."""
+
+    __slots__ = ("state", "request_id", "model")
+
+    def __init__(self, state: dict[str, Any], model: str) -> None:
+        self.state = state
+        self.request_id: str = state["request_id"]
+        self.model = model
+
+    def __call__(self, deltas: list[ChatDelta]) -> bytes:
+        state = self.state
+        events = []
+        for delta in deltas:
+            event = {
+                "request_id": self.request_id,
+                "content": delta.content,
+                "model": self.model,
+                "usage": None,
+                "finish_reason": delta.finish_reason,
+                "error": None,
+            }
+            if delta.content and "first_token_at" not in state:
+                state["first_token_at"] = time.perf_counter()
+            if delta.usage is not None:
+                u = delta.usage
+                state["usage"] = (u.prompt_tokens, u.completion_tokens)
+                event["usage"] = usage_body(u)
+            events.append(b"data: " + orjson.dumps(event) + b"\n\n")
+            if delta.finish_reason is not None or delta.usage is not None:
+                events.append(DONE)
+                break
+        return b"".join(events)
 
 
 def _openai_error_event(exc: ChatError) -> bytes:

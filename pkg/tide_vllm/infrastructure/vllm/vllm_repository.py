@@ -24,7 +24,7 @@ from tide_vllm.domain.chat.entity import (
 )
 from tide_vllm.domain.chat.repository import ChatRepository
 
-from .vllm_client import Reply, VLLMClient, header, read_body
+from .vllm_client import Answer, Reply, VLLMClient, header, read_body
 
 EVENT_END = b"\n\n"
 
@@ -50,37 +50,36 @@ class VLLMChatRepository(ChatRepository):
             raise EngineFailed("vLLM returned a body that is not a chat completion") from None
 
     async def stream(self, chat: ChatEntity) -> AsyncIterator[list[ChatDelta]]:
+        """The answer's text deltas, those that arrived together in one list; the first list
+        is empty (vLLM accepted the request), the last delta has the finish reason and the
+        usage. Parsed as the response's bytes come (no layer of event blocks in between)."""
         payload = {**_payload(chat), "stream": True, "stream_options": {"include_usage": True}}
-        finish_reason: str | None = None
-        usage: Usage | None = None
-        done = False  # `data: [DONE]` came; what follows is read only to reuse the connection
-        blocks = self._event_blocks(payload, chat.request_id)
+        reader = _DeltaReader()
+        response = await self._open_stream(payload, chat.request_id)
         try:
-            async for block in blocks:
-                if done:
-                    continue
-                deltas = []
-                for data in _data_lines(block):
-                    if data == b"[DONE]":
-                        done = True
-                        break
-                    chunk = _json_object(data)
-                    if "error" in chunk:
-                        raise _error_from_body(chunk, 502)
-                    usage = _usage(chunk.get("usage")) or usage
-                    for choice in chunk.get("choices") or ():
-                        text = (choice.get("delta") or {}).get("content") or ""
-                        finish_reason = choice.get("finish_reason") or finish_reason
-                        if text:
-                            deltas.append(ChatDelta(content=text))
-                if done:  # the last delta goes with the text that came with it
-                    deltas.append(ChatDelta(finish_reason=finish_reason, usage=usage))
-                if deltas or not block:  # an empty block: vLLM accepted the request
+            yield []  # vLLM accepted the request; its events follow
+            buffer = b""
+            try:
+                async for chunk in response:
+                    if reader.done:
+                        continue  # read to the end only so the connection can be reused
+                    buffer += chunk
+                    end = buffer.rfind(EVENT_END)
+                    if end >= 0:
+                        deltas = reader.read(buffer[: end + 2])
+                        buffer = buffer[end + 2 :]
+                        if deltas:
+                            yield deltas
+            except httpx.TransportError as exc:
+                raise _engine_error(exc, self.client) from None
+            if buffer.strip() and not reader.done:  # a last event without its blank line
+                deltas = reader.read(buffer)
+                if deltas:
                     yield deltas
         finally:
-            await blocks.aclose()
-        if not done:
-            yield [ChatDelta(finish_reason=finish_reason, usage=usage)]
+            await response.aclose()
+        if not reader.done:
+            yield [ChatDelta(finish_reason=reader.finish_reason, usage=reader.usage)]
 
     # -- OpenAI requests, carried opaquely ------------------------------------------------
     async def relay(self, chat: OpenAIChat) -> bytes:
@@ -117,6 +116,26 @@ class VLLMChatRepository(ChatRepository):
             raise _upstream_error(response.status_code, response.content)
         return response
 
+    async def _open_stream(self, payload: Mapping[str, Any], request_id: str) -> Answer:
+        """vLLM's answer to a streamed request, once its head is in and it is an event stream
+        (else the error it stands for, its body read and the connection closed)."""
+        try:
+            response = await self.client.open_chat_stream(payload, request_id)
+        except httpx.TransportError as exc:
+            raise _engine_error(exc, self.client) from None
+        try:
+            if response.status >= 400:
+                raise _upstream_error(response.status, await read_body(response))
+            if "text/event-stream" not in header(response, b"content-type"):
+                raise EngineFailed("vLLM did not answer with an event stream")
+        except httpx.TransportError as exc:
+            await response.aclose()
+            raise _engine_error(exc, self.client) from None
+        except BaseException:
+            await response.aclose()
+            raise
+        return response
+
     async def _event_blocks(
         self, payload: Mapping[str, Any], request_id: str
     ) -> AsyncIterator[bytes]:
@@ -126,18 +145,11 @@ class VLLMChatRepository(ChatRepository):
         is in), so the caller can start its own answer before the first token. Read from the
         transport as it comes (what httpx's `aiter_raw` would give, without its layers);
         leaving early closes the connection, which makes vLLM abort the generation."""
+        response = await self._open_stream(payload, request_id)
         try:
-            response = await self.client.open_chat_stream(payload, request_id)
-        except httpx.TransportError as exc:
-            raise _engine_error(exc, self.client) from None
-        try:
+            yield b""  # vLLM accepted the request; its events follow
+            buffer = b""
             try:
-                if response.status >= 400:
-                    raise _upstream_error(response.status, await read_body(response))
-                if "text/event-stream" not in header(response, b"content-type"):
-                    raise EngineFailed("vLLM did not answer with an event stream")
-                yield b""  # vLLM accepted the request; its events follow
-                buffer = b""
                 async for chunk in response:
                     buffer += chunk
                     end = buffer.rfind(EVENT_END)
@@ -162,6 +174,36 @@ def _engine_error(exc: httpx.TransportError, client: VLLMClient) -> Exception:
         return EngineTimeout(f"vLLM did not answer within {client.timeout:g}s")
     # The connection broke mid-request: vLLM went away.
     return EngineUnavailable(f"lost the connection to vLLM: {exc!r}")
+
+
+class _DeltaReader:
+    """Reads vLLM's chat.completion.chunk events into deltas; remembers the finish reason and
+    the usage for the last delta, which goes with `data: [DONE]`."""
+
+    __slots__ = ("finish_reason", "usage", "done")
+
+    def __init__(self) -> None:
+        self.finish_reason: str | None = None
+        self.usage: Usage | None = None
+        self.done = False  # `data: [DONE]` came
+
+    def read(self, block: bytes) -> list[ChatDelta]:
+        deltas = []
+        for data in _data_lines(block):
+            if data == b"[DONE]":
+                self.done = True
+                deltas.append(ChatDelta(finish_reason=self.finish_reason, usage=self.usage))
+                break
+            chunk = _json_object(data)
+            if "error" in chunk:
+                raise _error_from_body(chunk, 502)
+            self.usage = _usage(chunk.get("usage")) or self.usage
+            for choice in chunk.get("choices") or ():
+                text = (choice.get("delta") or {}).get("content") or ""
+                self.finish_reason = choice.get("finish_reason") or self.finish_reason
+                if text:
+                    deltas.append(ChatDelta(content=text))
+        return deltas
 
 
 def _data_lines(block: bytes) -> list[bytes]:
