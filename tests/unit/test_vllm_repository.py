@@ -147,3 +147,19 @@ async def test_a_chunk_holding_several_events_loses_none_of_them(client):
     assert [d.content for d in deltas] == ["Par", "is", ""]
     assert deltas[-1].finish_reason == "stop"
     assert deltas[-1].usage is not None and deltas[-1].usage.total_tokens == 6
+
+
+@respx.mock
+async def test_a_stream_that_ends_without_done_keeps_its_last_event_and_its_finish(client):
+    events = [
+        {"choices": [{"index": 0, "delta": {"content": "Hel"}}]},
+        {"choices": [{"index": 0, "delta": {"content": "lo"}, "finish_reason": "length"}]},
+    ]
+    body = f"data: {json.dumps(events[0])}\n\ndata: {json.dumps(events[1])}"  # no blank line
+    respx.post(f"{BASE}/v1/chat/completions").respond(
+        200, text=body, headers={"content-type": "text/event-stream"}
+    )
+    batches = [b async for b in VLLMChatRepository(client).stream(CHAT)]
+    deltas = [d for batch in batches for d in batch]
+    assert [d.content for d in deltas] == ["Hel", "lo", ""]  # nothing lost
+    assert deltas[-1].finish_reason == "length" and deltas[-1].usage is None
