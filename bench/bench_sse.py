@@ -99,23 +99,37 @@ class SequentialResult:
     chunk_ms: list[float]
 
 
-async def sequential_streams(
-    url: str, body: bytes, seconds: float, warmup: int = 20
-) -> SequentialResult:
-    """One connection, one stream after another, for `seconds` (after `warmup` streams)."""
-    ttft: list[float] = []
-    total: list[float] = []
-    chunk: list[float] = []
-    async with new_session(limit=1) as session:
-        for _ in range(warmup):
-            await read_stream(session, url, body)
-        deadline = time.monotonic() + seconds
+async def interleaved_streams(
+    targets: dict[str, tuple[str, bytes]], seconds: float, block: int = 25, warmup: int = 20
+) -> dict[str, SequentialResult]:
+    """One stream after another to each target (each on one connection of its own, after
+    `warmup` streams), the targets taking turns `block` streams at a time, for `seconds` per
+    target in all: a machine whose speed drifts during the run (other work, a noisy
+    neighbour) slows every target alike, instead of whichever ran in the slow stretch. The
+    first stream of each turn is not counted: it finds its servers idle since the last turn,
+    which a stream among others does not."""
+    samples = {name: SequentialResult(0, [], [], []) for name in targets}
+    sessions = {name: new_session(limit=1) for name in targets}
+    try:
+        for name, (url, body) in targets.items():
+            for _ in range(warmup):
+                await read_stream(sessions[name], url, body)
+        deadline = time.monotonic() + seconds * len(targets)
         while time.monotonic() < deadline:
-            sample = await read_stream(session, url, body)
-            ttft.append(sample.ttft_ns / 1e6)
-            total.append(sample.total_ns / 1e6)
-            chunk.extend(ns / 1e6 for ns in sample.chunk_latency_ns)
-    return SequentialResult(len(total), ttft, total, chunk)
+            for name, (url, body) in targets.items():
+                result = samples[name]
+                for i in range(block + 1):
+                    sample = await read_stream(sessions[name], url, body)
+                    if i == 0:
+                        continue
+                    result.streams += 1
+                    result.ttft_ms.append(sample.ttft_ns / 1e6)
+                    result.total_ms.append(sample.total_ns / 1e6)
+                    result.chunk_ms.extend(ns / 1e6 for ns in sample.chunk_latency_ns)
+    finally:
+        for session in sessions.values():
+            await session.close()
+    return samples
 
 
 @dataclass

@@ -15,7 +15,9 @@ and through tide-vllm, side by side:
 - streaming (64 chunks): time to first content event, and each chunk's delivery latency
   (the stub writes its CLOCK_MONOTONIC time into the chunk; the client reads the clock when the
   event arrives) with chunks 1 ms apart; and the whole stream's time when the stub sends the 64
-  chunks back to back — with an aiohttp client, one stream after another on one connection;
+  chunks back to back — with an aiohttp client, one stream after another on one connection,
+  direct and through tide-vllm taking turns 25 streams at a time (so the machine's drift during
+  the run falls on both alike);
 - 1,000 concurrent streams (64 chunks, 20 ms apart): errors, time, and tide-vllm's peak
   resident memory (VmRSS of its process, sampled every 20 ms);
 - for comparison, in the same run and in front of the same stub, other servers in tide-vllm's
@@ -78,9 +80,9 @@ from bench_sse import (
     ConcurrentResult,
     SequentialResult,
     concurrent_streams,
+    interleaved_streams,
     percentile,
     post_json,
-    sequential_streams,
     set_chunk_delay,
 )
 from bench_wrk import WrkResult, run_wrk, write_script, wrk_path
@@ -425,7 +427,10 @@ def other_server_streams(bench: Bench, server: Server, label: str, key: str) -> 
     stream with the chunks back to back."""
     s, place = bench.settings, bench.place
     body = openai_body(s.chunks, stream=True)
-    targets = {"direct": bench.stub.url + OPENAI_PATH, key: server.url + OPENAI_PATH}
+    targets = {
+        "direct": (bench.stub.url + OPENAI_PATH, body),
+        key: (server.url + OPENAI_PATH, body),
+    }
     pin(bench.stub.pid, place.one_core)
     pin_tree(server.pid, place.one_core)
     pin_self(place.one_core)
@@ -433,10 +438,8 @@ def other_server_streams(bench: Bench, server: Server, label: str, key: str) -> 
     try:
         for mode, delay in (("paced", s.paced_delay), ("burst", 0.0)):
             asyncio.run(set_chunk_delay(bench.stub.url, delay))
-            raw[mode] = {
-                name: summary(asyncio.run(sequential_streams(url, body, s.stream_seconds)))
-                for name, url in targets.items()
-            }
+            runs = asyncio.run(interleaved_streams(targets, s.stream_seconds))
+            raw[mode] = {name: summary(result) for name, result in runs.items()}
     finally:
         pin_self(place.every)
         asyncio.run(set_chunk_delay(bench.stub.url, 0.0))
@@ -482,19 +485,17 @@ def measure_streaming(bench: Bench) -> None:
     try:
         for mode, delay in (("paced", s.paced_delay), ("burst", 0.0)):
             asyncio.run(set_chunk_delay(bench.stub.url, delay))
-            runs = {
-                name: asyncio.run(sequential_streams(url, body, s.stream_seconds))
-                for name, (url, body) in stream_targets(bench, s.chunks).items()
-            }
+            runs = asyncio.run(
+                interleaved_streams(stream_targets(bench, s.chunks), s.stream_seconds)
+            )
             raw[mode] = {name: summary(result) for name, result in runs.items()}
             stream_rows(bench, mode, delay, raw[mode])
         pin_self(place.every)
         bench.place_servers(place.every, place.every)
         asyncio.run(set_chunk_delay(bench.stub.url, s.paced_delay))
-        unpinned = {
-            name: summary(asyncio.run(sequential_streams(url, body, s.stream_seconds)))
-            for name, (url, body) in stream_targets(bench, s.chunks).items()
-        }
+        targets = stream_targets(bench, s.chunks)
+        runs = asyncio.run(interleaved_streams(targets, s.stream_seconds))
+        unpinned = {name: summary(result) for name, result in runs.items()}
         raw["paced_unpinned"] = unpinned
         for shape, shown in (("openai", "OpenAI"), ("tide", "Tide")):
             values = (unpinned["direct"]["ttft_p50_ms"], unpinned[shape]["ttft_p50_ms"])
