@@ -18,6 +18,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 STUB = BENCH_DIR / "stub_upstream.py"
 REFERENCE = BENCH_DIR / "reference_passthrough.py"
+MINIMAL_RELAY = BENCH_DIR / "minimal_relay.py"
 ENTRY = REPO / "cmd" / "tide-vllm" / "main.py"
 EXIT_CONFIG = 2
 
@@ -131,20 +132,26 @@ class RssSampler(threading.Thread):
 # -- the stub ---------------------------------------------------------------------------------
 def start_stub(python: str, workdir: Path) -> Server:
     """The stub prints `PORT <n>` once it listens on a free port of its choosing."""
-    log = workdir / "stub.log"
+    return _start_printing_port("stub", [python, str(STUB), "--port", "0"], workdir / "stub.log")
+
+
+def start_minimal_relay(python: str, upstream_port: int, workdir: Path) -> Server:
+    """The byte relay (bench/minimal_relay.py) in front of the stub."""
+    command = [python, str(MINIMAL_RELAY), "--port", "0", "--upstream-port", str(upstream_port)]
+    return _start_printing_port("minimal relay", command, workdir / "minimal-relay.log")
+
+
+def _start_printing_port(name: str, command: list[str], log: Path) -> Server:
     proc = subprocess.Popen(
-        [python, str(STUB), "--port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=log.open("wb"),
-        start_new_session=True,
+        command, stdout=subprocess.PIPE, stderr=log.open("wb"), start_new_session=True
     )
     assert proc.stdout is not None
     ready, _, _ = select.select([proc.stdout], [], [], 15)
     line = proc.stdout.readline().decode() if ready else ""
     if not line.startswith("PORT "):
-        stop(Server("stub", proc, 0, log))
-        raise StartError(f"the stub upstream did not start:\n{log_tail(log)}")
-    return Server("stub", proc, int(line.split()[1]), log)
+        stop(Server(name, proc, 0, log))
+        raise StartError(f"the {name} did not start:\n{log_tail(log)}")
+    return Server(name, proc, int(line.split()[1]), log)
 
 
 # -- tide-vllm --------------------------------------------------------------------------------

@@ -25,7 +25,9 @@ and through tide-vllm, side by side:
   core; 32 and 256 connections with the server alone on its core): phase `reference`, the
   20-line FastAPI pass-through of FIELD-NOTES (bench/reference_passthrough.py), and phase
   `litellm`, a LiteLLM proxy with one worker (bench/litellm_proxy.py), also streaming, one
-  stream at a time: time to first token and the whole 64-chunk stream. LiteLLM is not one of
+  stream at a time: time to first token and the whole 64-chunk stream; and phase `floor`, those
+  streams only, through a relay that copies bytes and parses nothing (bench/minimal_relay.py):
+  what one more process in the path costs here, whatever it does. LiteLLM is not one of
   tide-vllm's dependencies: the phase installs a pinned release into a venv of its own,
   bench/.venv-litellm, on first use (about a minute), and is skipped, with one line, when that
   fails (no network). Their rows are named after them ("…, LiteLLM proxy").
@@ -69,6 +71,7 @@ from bench_proc import (
     process_tree,
     raise_fd_limit,
     start_gateway,
+    start_minimal_relay,
     start_reference,
     start_stub,
     status_kb,
@@ -323,6 +326,21 @@ def measure_reference(bench: Bench) -> None:
         stop(reference)
 
 
+def measure_floor(bench: Bench) -> None:
+    """A relay that only copies bytes (bench/minimal_relay.py: no HTTP parsing) in tide-vllm's
+    place, streams one at a time: what one more process in the path costs on this machine,
+    whatever it does, so that tide-vllm's own share of its time to first token shows."""
+    relay = start_minimal_relay(bench.python, bench.stub.port, bench.workdir)
+    label = "minimal byte relay"
+    try:
+        announce(bench, "minimal byte relay (no HTTP), for the floor")
+        bench.raw["floor"] = {
+            "streaming": other_server_streams(bench, relay, label, "floor", unpinned=True)
+        }
+    finally:
+        stop(relay)
+
+
 def measure_litellm(bench: Bench) -> None:
     """A LiteLLM proxy (one worker, in its own venv: bench/litellm_proxy.py) in front of the
     same stub, under the reference's loads, OpenAI shape; then its streams one at a time.
@@ -421,10 +439,13 @@ def other_server_loads(bench: Bench, server: Server, label: str, key: str) -> di
     return raw
 
 
-def other_server_streams(bench: Bench, server: Server, label: str, key: str) -> dict[str, Any]:
+def other_server_streams(
+    bench: Bench, server: Server, label: str, key: str, unpinned: bool = False
+) -> dict[str, Any]:
     """As measure_streaming, OpenAI shape, for another server: one stream after another, every
     process on one core; time to first token with chunks `paced_delay` apart, and the whole
-    stream with the chunks back to back."""
+    stream with the chunks back to back; with `unpinned`, the time to first token again with
+    every process free to run on any core."""
     s, place = bench.settings, bench.place
     body = openai_body(s.chunks, stream=True)
     targets = {
@@ -440,6 +461,13 @@ def other_server_streams(bench: Bench, server: Server, label: str, key: str) -> 
             asyncio.run(set_chunk_delay(bench.stub.url, delay))
             runs = asyncio.run(interleaved_streams(targets, s.stream_seconds))
             raw[mode] = {name: summary(result) for name, result in runs.items()}
+        if unpinned:
+            pin_self(place.every)
+            pin(bench.stub.pid, place.every)
+            pin_tree(server.pid, place.every)
+            asyncio.run(set_chunk_delay(bench.stub.url, s.paced_delay))
+            runs = asyncio.run(interleaved_streams(targets, s.stream_seconds))
+            raw["paced_unpinned"] = {name: summary(result) for name, result in runs.items()}
     finally:
         pin_self(place.every)
         asyncio.run(set_chunk_delay(bench.stub.url, 0.0))
@@ -450,6 +478,10 @@ def other_server_streams(bench: Bench, server: Server, label: str, key: str) -> 
     whole = (burst["direct"]["total_p50_ms"], burst[key]["total_p50_ms"])
     name = f"stream of {s.chunks} chunks, whole p50, {label}"
     bench.add(Row(name, "ms", *whole, note="chunks back to back"))
+    if unpinned:
+        free = raw["paced_unpinned"]
+        ttft = (free["direct"]["ttft_p50_ms"], free[key]["ttft_p50_ms"])
+        bench.add(Row(f"stream time to first token p50, unpinned, {label}", "ms", *ttft))
     return raw
 
 
@@ -652,6 +684,7 @@ PHASES: dict[str, Callable[[Bench], None]] = {
     "streaming": measure_streaming,
     "streams": measure_many_streams,
     "reference": measure_reference,
+    "floor": measure_floor,
     "litellm": measure_litellm,
 }
 
