@@ -346,3 +346,14 @@ async def test_an_app_failing_after_its_answer_started_closes_the_connection():
         assert received.startswith(b"HTTP/1.1 200 OK\r\n") and b"4\r\npart\r\n" in received
         assert not received.endswith(b"0\r\n\r\n")  # not passed off as a whole answer
         writer.close()
+
+
+async def test_an_http_1_0_request_is_answered_then_its_connection_closed():
+    async with serving() as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /old HTTP/1.0\r\nhost: t\r\n\r\n")
+        received = await asyncio.wait_for(reader.read(), 2)  # to the end: the server closed
+        head, _, body = received.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 OK\r\n") and b"connection: close" in head
+        assert body == b"/old"
+        writer.close()
