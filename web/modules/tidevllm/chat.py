@@ -196,7 +196,7 @@ class ChatEndpoint:
         events: AsyncIterator[Any],
         error_event: Callable[[ChatError], bytes],
         note: Callable[[dict[str, Any], bytes], None] | None = None,
-        render: _TideEvents | None = None,
+        render: Callable[[Any], bytes] | None = None,
     ) -> None:
         """An event stream, each event sent as it comes (`render` makes the events' bytes of
         what comes, if it is not bytes already; `note` sees each first). Errors before the
@@ -215,7 +215,7 @@ class ChatEndpoint:
         events: AsyncIterator[Any],
         error_event: Callable[[ChatError], bytes],
         note: Callable[[dict[str, Any], bytes], None] | None,
-        render: _TideEvents | None,
+        render: Callable[[Any], bytes] | None,
     ) -> None:
         send = exchange.send
         ended = False  # `data: [DONE]` went out as the body's last part
