@@ -152,6 +152,7 @@ class GatewayMiddleware:
         self.metrics = metrics
         self.api_keys = api_keys
         self.max_chats = max_concurrent_requests
+        self._keys_on = api_keys.enabled  # the keys are set at start-up
         # One process: the gauge reads the count when scraped. Several workers: each pushes
         # its own into the shared files, summed when scraped.
         self._push_in_flight = not metrics.read_in_flight(lambda: lifecycle.in_flight)
@@ -167,16 +168,22 @@ class GatewayMiddleware:
         request_id = valid_request_id(_decode(headers.get(b"x-request-id"))) or new_request_id()
         state["request_id"] = request_id
         state["started"] = started
+        state["headers"] = headers
         token = REQUEST_ID.set(request_id)
         is_chat = path in CHAT_PATHS
         status = 500
+        lifecycle = self.lifecycle
         try:
-            refusal = self._refusal(scope, path, headers, is_chat)
-            if refusal is not None:
-                status = refusal[0]
-                await _send_error(send, path, request_id, *refusal)
-                return
-            lifecycle = self.lifecycle
+            if (
+                lifecycle.draining
+                or self._keys_on
+                or (is_chat and lifecycle.chats_in_flight >= self.max_chats)
+            ):  # otherwise nothing refuses the request: no call to look
+                refusal = self._refusal(scope, path, headers, is_chat)
+                if refusal is not None:
+                    status = refusal[0]
+                    await _send_error(send, path, request_id, *refusal)
+                    return
             lifecycle.in_flight += 1
             if self._push_in_flight:
                 self.metrics.in_flight.inc()

@@ -89,9 +89,20 @@ class ChatEndpoint:
         try:
             if scope["method"] != "POST":
                 raise RequestRejected(405, "method", f"{scope['method']} is not allowed; use POST")
-            if self.application is None:
+            app = self.application
+            if app is None:
                 raise RuntimeError("the chat endpoint was called before the app started")
-            await self._chat(exchange, self.application)
+            body = await exchange.read_json_object(self.max_body_bytes)
+            has_prompt, has_messages = "prompt" in body, "messages" in body
+            if has_prompt and has_messages:
+                raise InvalidChatRequest(
+                    "prompt",
+                    "send either `prompt` (the spec's request) or `messages` (OpenAI's), not both",
+                )
+            if has_messages:
+                await self._openai_chat(exchange, app, body)
+            else:
+                await self._tide_chat(exchange, app, body)
         except ClientDisconnected:
             if not exchange.started:
                 await exchange.respond(CLIENT_CLOSED_REQUEST, b"")
@@ -127,19 +138,6 @@ class ChatEndpoint:
         await exchange.respond(status, orjson.dumps(body), JSON, extra)
 
     # -- the request ----------------------------------------------------------------------
-    async def _chat(self, exchange: _Exchange, app: Application) -> None:
-        body = await exchange.read_json_object(self.max_body_bytes)
-        has_prompt, has_messages = "prompt" in body, "messages" in body
-        if has_prompt and has_messages:
-            raise InvalidChatRequest(
-                "prompt",
-                "send either `prompt` (the spec's request) or `messages` (OpenAI's), not both",
-            )
-        if has_messages:
-            await self._openai_chat(exchange, app, body)
-        else:
-            await self._tide_chat(exchange, app, body)
-
     async def _openai_chat(
         self, exchange: _Exchange, app: Application, body: dict[str, Any]
     ) -> None:
@@ -151,7 +149,8 @@ class ChatEndpoint:
             log.info("messages: %s", orjson.dumps(body.get("messages")).decode())
         if chat.stream:
             events = app.chat.relay_stream(chat)
-            await self._sse(exchange, events, _openai_error_event, _note_openai_event)
+            relay = self._relay(exchange, events, _openai_error_event, _note_openai_event)
+            await exchange.until_disconnect(relay)
             return
         raw = await exchange.until_disconnect(app.chat.relay(chat))
         state["usage"] = _usage_of(raw)
@@ -181,7 +180,8 @@ class ChatEndpoint:
         if tide.stream:
             render = _TideEvents(state, chat.model)
             error_event = _tide_error_event(chat.request_id, chat.model)
-            await self._sse(exchange, app.chat.stream(chat), error_event, render=render)
+            relay = self._relay(exchange, app.chat.stream(chat), error_event, render=render)
+            await exchange.until_disconnect(relay)
             return
         result: ChatResult = await exchange.until_disconnect(app.chat.handle(chat))
         state["usage"] = (result.usage.prompt_tokens, result.usage.completion_tokens)
@@ -190,7 +190,7 @@ class ChatEndpoint:
         answer = TideChatResponse.body_of(result)
         await exchange.respond(200, orjson.dumps(answer), JSON)
 
-    async def _sse(
+    async def _relay(
         self,
         exchange: _Exchange,
         events: AsyncIterator[Any],
@@ -201,22 +201,8 @@ class ChatEndpoint:
         """An event stream, each event sent as it comes (`render` makes the events' bytes of
         what comes, if it is not bytes already; `note` sees each first). Errors before the
         first event are ordinary error responses (status and body); after it, an error event
-        then `[DONE]`, never a silently cut stream. A client that goes away cancels the work,
-        which closes the upstream request."""
-        try:
-            relay = self._relay_events(exchange, events, error_event, note, render)
-            await exchange.until_disconnect(relay)
-        finally:
-            await events.aclose()  # type: ignore[attr-defined]
-
-    async def _relay_events(
-        self,
-        exchange: _Exchange,
-        events: AsyncIterator[Any],
-        error_event: Callable[[ChatError], bytes],
-        note: Callable[[dict[str, Any], bytes], None] | None,
-        render: Callable[[Any], bytes] | None,
-    ) -> None:
+        then `[DONE]`, never a silently cut stream. Run under `until_disconnect`: a client that
+        goes away cancels it, and the events are closed, which closes the upstream request."""
         send = exchange.send
         ended = False  # `data: [DONE]` went out as the body's last part
         try:
@@ -247,13 +233,15 @@ class ChatEndpoint:
                 exc = ChatError("internal error in tide-vllm; see its log")
             await send({"type": "http.response.body", "body": error_event(exc), "more_body": True})
             await send({"type": "http.response.body", "body": DONE})
-            return
-        if ended:
-            return
-        if not exchange.started:
-            await exchange.start(200, SSE_HEADERS)
-        # A stream that ended without [DONE]: a Tide stream still ends with it.
-        await send({"type": "http.response.body", "body": b"" if render is None else DONE})
+        else:
+            if ended:
+                return
+            if not exchange.started:
+                await exchange.start(200, SSE_HEADERS)
+            # A stream that ended without [DONE]: a Tide stream still ends with it.
+            await send({"type": "http.response.body", "body": b"" if render is None else DONE})
+        finally:
+            await events.aclose()  # type: ignore[attr-defined]
 
 
 class _Exchange:
@@ -298,12 +286,9 @@ class _Exchange:
 
     async def read_json_object(self, limit: int) -> dict[str, Any]:
         """The body as a JSON object: one parse, with the size capped while it is read."""
-        content_type = length = None
-        for name, value in self.scope["headers"]:
-            if name == b"content-type":
-                content_type = value
-            elif name == b"content-length":
-                length = value
+        headers: dict[bytes, bytes] = self.state["headers"]  # the gateway's, a dict
+        content_type = headers.get(b"content-type")
+        length = headers.get(b"content-length")
         if content_type is not None:
             media = content_type.split(b";", 1)[0].strip().lower().decode("latin-1")
             if media != "application/json" and not media.endswith("+json"):

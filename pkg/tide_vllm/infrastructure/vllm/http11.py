@@ -543,6 +543,10 @@ class _Pool:
         conn.idle = False
         return conn
 
+    def take_idle(self) -> _Connection | None:
+        """An idle connection, if there is one: `acquire`'s first choice, taken without it."""
+        return None if self.closed else self._pop_idle()
+
     async def acquire(
         self, timeouts: dict | None, request: httpx.Request | None, fresh: bool = False
     ) -> _Connection:
@@ -689,7 +693,8 @@ class Http11Transport(httpx.AsyncBaseTransport):
         data = await _serialize(request)
         timeouts = request.extensions.get("timeout")
         head_only = request.method == "HEAD"
-        stream = await self._exchange(url.host, url.port or 80, data, timeouts, request, head_only)
+        port = url.port or 80
+        stream = await self.send_bytes(url.host, port, data, timeouts, request, head_only)
         return httpx.Response(
             stream.status,
             headers=stream.headers,
@@ -699,25 +704,21 @@ class Http11Transport(httpx.AsyncBaseTransport):
         )
 
     async def send_bytes(
-        self, host: str, port: int, data: bytes, timeouts: dict | None
-    ) -> _ResponseStream:
-        """Send a request the caller wrote as bytes (request line, headers with no CR or LF
-        inside a value, blank line, body framed by its content-length) and return its response
-        once the head is in: `status`, `headers` (raw pairs) and the body as an async iterator
-        of chunks; `aclose()` before the end closes the connection. The same pool, timeouts,
-        retry and errors (httpx's) as `handle_async_request`, without building an
-        httpx.Request and httpx.Response: for a caller on a hot path that knows its request."""
-        return await self._exchange(host, port, data, timeouts, None, False)
-
-    async def _exchange(
         self,
         host: str,
         port: int,
         data: bytes,
         timeouts: dict | None,
-        request: httpx.Request | None,
-        head_only: bool,
+        request: httpx.Request | None = None,
+        head_only: bool = False,
     ) -> _ResponseStream:
+        """Send a request the caller wrote as bytes (request line, headers with no CR or LF
+        inside a value, blank line, body framed by its content-length) and return its response
+        once the head is in: `status`, `headers` (raw pairs) and the body as an async iterator
+        of chunks; `aclose()` before the end closes the connection. The same pool, timeouts,
+        retry and errors (httpx's) as `handle_async_request`, which sends its requests this
+        way too, without building an httpx.Request and httpx.Response: for a caller on a hot
+        path that knows its request."""
         if self._closed:
             raise httpx.ConnectError("transport closed", request=request)
         key = (host, port)
@@ -727,7 +728,8 @@ class Http11Transport(httpx.AsyncBaseTransport):
                 host, port, self._max_connections, self._keepalive_expiry
             )
         read_timeout = timeouts.get("read") if timeouts else None
-        conn = await pool.acquire(timeouts, request)
+        # An idle connection at once, without a coroutine; else wait for one.
+        conn = pool.take_idle() or await pool.acquire(timeouts, request)
         retried = False
         while True:
             stream = _ResponseStream(conn, request, read_timeout, head_only)

@@ -136,12 +136,14 @@ class VLLMClient:
             extensions=self._chat_extensions,
         )
 
-    async def _send_chat(self, payload: Mapping[str, Any], request_id: str) -> Answer:
-        """POST /v1/chat/completions; the answer once its head is in. On Http11Transport
-        (always, outside tests) the request is written as bytes from a head made once and
-        sent with `send_bytes`: building and reading httpx's Request and Response objects
-        was a tenth of the gateway's CPU time per request (py-spy). Any other httpx
-        transport gets an httpx.Request. Errors are httpx's either way."""
+    async def open_chat_stream(self, payload: Mapping[str, Any], request_id: str) -> Answer:
+        """POST /v1/chat/completions; the answer once its head is in, its body unread: the
+        caller closes it (`aclose`), which, before the body's end, closes the connection and
+        so makes vLLM abort the generation. On Http11Transport (always, outside tests) the
+        request is written as bytes from a head made once and sent with `send_bytes`: building
+        and reading httpx's Request and Response objects was a tenth of the gateway's CPU time
+        per request (py-spy). Any other httpx transport gets an httpx.Request. Errors are
+        httpx's either way."""
         body = orjson.dumps(payload)
         rid = request_id.encode()
         if b"\r" in rid or b"\n" in rid:
@@ -157,14 +159,9 @@ class VLLMClient:
 
     async def chat_completions(self, payload: Mapping[str, Any], request_id: str) -> Reply:
         """The whole answer."""
-        answer = await self._send_chat(payload, request_id)
+        answer = await self.open_chat_stream(payload, request_id)
         content = await read_body(answer)
         return Reply(answer.status, header(answer, b"content-type"), content)
-
-    async def open_chat_stream(self, payload: Mapping[str, Any], request_id: str) -> Answer:
-        """The answer with its body unread; the caller closes it (`aclose`), which, before
-        the body's end, closes the connection and so makes vLLM abort the generation."""
-        return await self._send_chat(payload, request_id)
 
     async def get_models(self, timeout: float | None = None) -> httpx.Response:
         return await self._http.get(
