@@ -49,7 +49,8 @@ class RequestCycle:
 
     __slots__ = (
         "scope", "protocol", "transport", "flow", "loop", "keep_alive", "expect_100",
-        "body", "more_body", "ready", "waiters", "disconnected", "started", "complete",
+        "body", "more_body", "ready", "waiters", "disconnected", "response_started",
+        "response_complete",
         "chunked", "length_left", "head_only", "held",
     )  # fmt: skip
 
@@ -68,21 +69,12 @@ class RequestCycle:
         self.ready = False  # something for `receive`: body, its end, or the disconnect
         self.waiters: list[asyncio.Future[None]] | None = None
         self.disconnected = False
-        self.started = False
-        self.complete = False
+        self.response_started = False
+        self.response_complete = False
         self.chunked = False
         self.length_left = 0
         self.head_only = scope["method"] == "HEAD"
         self.held: bytes | None = None  # the response's head, until its first body bytes
-
-    # uvicorn's protocol reads these two under their names there
-    @property
-    def response_complete(self) -> bool:
-        return self.complete
-
-    @property
-    def response_started(self) -> bool:
-        return self.started
 
     # -- from the protocol ----------------------------------------------------------------
     def add_body(self, body: bytes) -> None:
@@ -96,7 +88,7 @@ class RequestCycle:
         self.wake()
 
     def lost(self) -> None:
-        if not self.complete:
+        if not self.response_complete:
             self.disconnected = True
         self.held = None
         self.wake()
@@ -118,7 +110,7 @@ class RequestCycle:
             result = await app(self.scope, self.receive, self.send)
         except BaseException as exc:
             self.protocol.logger.error("Exception in ASGI application\n", exc_info=exc)
-            if not self.started:
+            if not self.response_started:
                 await self._send_500()
             else:
                 self._close()
@@ -127,10 +119,10 @@ class RequestCycle:
             if result is not None:
                 log.error("ASGI callable should return None, but returned '%s'.", result)
                 self._close()
-            elif not self.started and not self.disconnected:
+            elif not self.response_started and not self.disconnected:
                 log.error("ASGI callable returned without starting response.")
                 await self._send_500()
-            elif not self.complete and not self.disconnected:
+            elif not self.response_complete and not self.disconnected:
                 log.error("ASGI callable returned without completing response.")
                 self._close()
 
@@ -139,7 +131,7 @@ class RequestCycle:
             self.expect_100 = False
             if not self.transport.is_closing():
                 self.transport.write(_CONTINUE)
-        if not self.ready and not self.disconnected and not self.complete:
+        if not self.ready and not self.disconnected and not self.response_complete:
             self.flow.resume_reading()
             waiter = self.loop.create_future()
             if self.waiters is None:
@@ -148,7 +140,7 @@ class RequestCycle:
                 self.waiters.append(waiter)
             await waiter
         self.ready = False
-        if self.disconnected or self.complete:
+        if self.disconnected or self.response_complete:
             return _DISCONNECT
         body, self.body = self.body, b""
         if self.more_body:
@@ -161,7 +153,7 @@ class RequestCycle:
             await flow.drain()
         if self.disconnected:
             return
-        if self.started:
+        if self.response_started:
             self._send_body(message)
         else:
             self._send_head(message)
@@ -171,7 +163,7 @@ class RequestCycle:
             raise RuntimeError(
                 f"Expected ASGI message 'http.response.start', but got '{message['type']}'."
             )
-        self.started = True
+        self.response_started = True
         self.expect_100 = False
         status = message["status"]
         headers = self.protocol.server_state.default_headers + list(message.get("headers", ()))
@@ -208,7 +200,7 @@ class RequestCycle:
         self.loop.call_soon(self._flush)
 
     def _send_body(self, message: dict[str, Any]) -> None:
-        if self.complete:
+        if self.response_complete:
             raise RuntimeError(
                 f"Unexpected ASGI message '{message['type']}' sent, after response already "
                 "completed."
@@ -241,7 +233,7 @@ class RequestCycle:
         if not more_body:
             if self.length_left != 0:
                 raise RuntimeError("Response content shorter than Content-Length")
-            self.complete = True
+            self.response_complete = True
             self.wake()
             if not self.keep_alive:
                 self.transport.close()
@@ -318,12 +310,6 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         scope["headers"] = self.headers
         scope["state"] = self.app_state.copy()
 
-    def on_header(self, name: bytes, value: bytes) -> None:
-        name = name.lower()
-        if name == b"expect" and value.lower() == b"100-continue":
-            self.expect_100_continue = True
-        self.headers.append((name, value))
-
     def on_headers_complete(self) -> None:
         parser = self.parser
         scope: dict[str, Any] = self.scope  # type: ignore[assignment]
@@ -356,7 +342,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         previous = self.cycle
         keep_alive = http_version != "1.0" and parser.should_keep_alive()
         self.cycle = cycle = RequestCycle(scope, self, keep_alive, self.expect_100_continue)
-        if previous is None or previous.complete:
+        if previous is None or previous.response_complete:
             self._start_asgi_task(cycle, app)  # type: ignore[arg-type]
         else:  # pipelined: after the responses before it
             self.flow.pause_reading()
@@ -364,20 +350,15 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     def on_body(self, body: bytes) -> None:
         cycle = self.cycle
-        if cycle.complete or (self.parser.should_upgrade() and self._should_upgrade()):
+        if cycle.response_complete or (self.parser.should_upgrade() and self._should_upgrade()):
             return
         cycle.add_body(body)
 
     def on_message_complete(self) -> None:
         cycle = self.cycle
-        if cycle.complete or (self.parser.should_upgrade() and self._should_upgrade()):
+        if cycle.response_complete or (self.parser.should_upgrade() and self._should_upgrade()):
             return
         cycle.end_body()
-
-    def _start_asgi_task(self, cycle: Any, app: Any) -> None:
-        task = self.loop.create_task(cycle.run_asgi(app))
-        task.add_done_callback(self.tasks.discard)
-        self.tasks.add(task)
 
     # -- the end of a response: keep-alive ----------------------------------------------------
     def on_response_complete(self) -> None:
