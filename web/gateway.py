@@ -246,12 +246,11 @@ class GatewayMiddleware:
         path = scope["path"]
         route = path if path in KNOWN_ROUTES else "other"
         shape = state.get("shape", "-")
-        m = self.metrics
-        m.observe_request(route, shape, status, took)
         usage = state.get("usage")
         first_token = state.get("first_token_at")
-        if usage or first_token:
-            m.observe_chat(shape, usage, first_token and first_token - state["started"])
+        if first_token is not None:
+            first_token -= state["started"]
+        self.metrics.observe(route, shape, status, took, usage, first_token)
         if route in OPEN_PATHS or route == "/metrics":
             return  # probes and scrapes every few seconds would drown the access log
         if not access_log.isEnabledFor(logging.INFO):

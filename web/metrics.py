@@ -67,33 +67,47 @@ class _LocalCounts(Collector):
     and buckets that prometheus_client's own would have (no `_created` series)."""
 
     def __init__(self) -> None:
-        self.requests: dict[tuple[str, str, str], int] = {}
+        self.requests: dict[tuple[str, str, int], int] = {}
         self.latency: dict[tuple[str, str], list[float]] = {}
         self.prompt_tokens: dict[str, int] = {}
         self.completion_tokens: dict[str, int] = {}
         self.ttft: dict[str, list[float]] = {}
 
-    def observe_request(self, route: str, shape: str, status: int, took: float) -> None:
-        key = (route, shape, str(status))
+    def observe(
+        self,
+        route: str,
+        shape: str,
+        status: int,
+        took: float,
+        usage: tuple[int, int] | None = None,
+        first_token: float | None = None,
+    ) -> None:
+        key = (route, shape, status)
         requests = self.requests
         requests[key] = requests.get(key, 0) + 1
-        _observe(self.latency, (route, shape), took)
-
-    def observe_chat(
-        self, shape: str, usage: tuple[int, int] | None, first_token: float | None
-    ) -> None:
+        counts = self.latency.get((route, shape))
+        if counts is None:
+            counts = self.latency[(route, shape)] = _new_histogram()
+        counts[bisect_left(LATENCY_BUCKETS, took)] += 1
+        counts[-1] += took
+        if usage is None and first_token is None:
+            return
         prompt, completion = usage or (0, 0)  # a shape's counts show from its first chat on
         self.prompt_tokens[shape] = self.prompt_tokens.get(shape, 0) + prompt
         self.completion_tokens[shape] = self.completion_tokens.get(shape, 0) + completion
         if first_token is not None:
-            _observe(self.ttft, shape, first_token)
+            counts = self.ttft.get(shape)
+            if counts is None:
+                counts = self.ttft[shape] = _new_histogram()
+            counts[bisect_left(LATENCY_BUCKETS, first_token)] += 1
+            counts[-1] += first_token
 
     def collect(self) -> Iterator[Metric]:
         requests = CounterMetricFamily(
             "tide_vllm_requests", REQUESTS_HELP, labels=["route", "shape", "status"]
         )
-        for labels, count in list(self.requests.items()):
-            requests.add_metric(labels, count)
+        for (route, shape, status), count in list(self.requests.items()):
+            requests.add_metric([route, shape, str(status)], count)
         yield requests
         yield _histogram(LATENCY, LATENCY_HELP, ["route", "shape"], self.latency)
         yield _histogram(TTFT, TTFT_HELP, ["shape"], {(k,): v for k, v in self.ttft.items()})
@@ -107,14 +121,11 @@ class _LocalCounts(Collector):
             yield family
 
 
-def _observe(histograms: dict[Any, list[float]], key: Any, value: float) -> None:
-    """One value into the histogram of `key`: a count per bucket (the last is +Inf), then the
-    sum. A value equal to a bound counts in that bound's bucket, as Prometheus's `le` says."""
-    counts = histograms.get(key)
-    if counts is None:
-        counts = histograms[key] = [0.0] * (len(LATENCY_BUCKETS) + 2)
-    counts[bisect_left(LATENCY_BUCKETS, value)] += 1
-    counts[-1] += value
+def _new_histogram() -> list[float]:
+    """A histogram's counts per bucket (the last bucket is +Inf), then the sum of its values.
+    A value counts in the first bucket whose bound is not below it (`bisect_left`), so a value
+    equal to a bound counts in that bound's bucket, as Prometheus's `le` says."""
+    return [0.0] * (len(LATENCY_BUCKETS) + 2)
 
 
 def _histogram(
@@ -150,7 +161,15 @@ class _SharedCounts:
             "tide_vllm_completion_tokens", COMPLETION_HELP, ["shape"], registry=r
         )
 
-    def observe_request(self, route: str, shape: str, status: int, took: float) -> None:
+    def observe(
+        self,
+        route: str,
+        shape: str,
+        status: int,
+        took: float,
+        usage: tuple[int, int] | None = None,
+        first_token: float | None = None,
+    ) -> None:
         key = (route, shape, status)
         children = self._children.get(key)
         if children is None:
@@ -161,29 +180,27 @@ class _SharedCounts:
             self._children[key] = children
         children[0].inc()
         children[1].observe(took)
-
-    def observe_chat(
-        self, shape: str, usage: tuple[int, int] | None, first_token: float | None
-    ) -> None:
-        children = self._shape_children.get(shape)
-        if children is None:
-            children = (
+        if usage is None and first_token is None:
+            return
+        chat = self._shape_children.get(shape)
+        if chat is None:
+            chat = (
                 self.prompt_tokens.labels(shape),
                 self.completion_tokens.labels(shape),
                 self.ttft.labels(shape),
             )
-            self._shape_children[shape] = children
+            self._shape_children[shape] = chat
         if usage:
-            children[0].inc(usage[0])
-            children[1].inc(usage[1])
+            chat[0].inc(usage[0])
+            chat[1].inc(usage[1])
         if first_token is not None:
-            children[2].observe(first_token)
+            chat[2].observe(first_token)
 
 
 class Metrics:
-    """`observe_request` (one answered request) and `observe_chat` (a chat's token counts and,
-    for a stream, its time to the first token) are the per-request calls; `upstream_errors` and
-    `in_flight` are prometheus_client metrics."""
+    """`observe` is the per-request call: one answered request and, for a chat, its token
+    counts and, for a stream, its time to the first token. `upstream_errors` and `in_flight`
+    are prometheus_client metrics."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -194,8 +211,7 @@ class Metrics:
         else:
             counts = _LocalCounts()
             r.register(counts)
-        self.observe_request = counts.observe_request
-        self.observe_chat = counts.observe_chat
+        self.observe = counts.observe
         self.in_flight = Gauge(
             "tide_vllm_requests_in_flight",
             "Requests being served",

@@ -29,14 +29,13 @@ def key(name: str, **labels: str) -> tuple[str, frozenset[Any]]:
 def feed(counts: _LocalCounts | _SharedCounts) -> None:
     # Every bucket edge exactly (a value equal to a bound counts in it), between edges, past the
     # last one; several label sets; token counts with and without a time to first token.
-    for took in (*LATENCY_BUCKETS, 0.0004, 0.003, 0.7, 75.0):
-        counts.observe_request(ROUTE, "openai", 200, took)
-    counts.observe_request("/chat/completions", "tide", 200, 0.02)
-    counts.observe_request(ROUTE, "openai", 502, 0.5)
-    counts.observe_request("/health", "-", 200, 0.0001)
-    counts.observe_chat("openai", (18, 7), 0.0049)
-    counts.observe_chat("openai", (3, 1), None)
-    counts.observe_chat("tide", None, 0.25)
+    for took in (*LATENCY_BUCKETS, 0.0004, 0.003):
+        counts.observe(ROUTE, "openai", 200, took)
+    counts.observe(ROUTE, "openai", 200, 0.7, (18, 7), 0.0049)
+    counts.observe(ROUTE, "openai", 200, 75.0, (3, 1), None)
+    counts.observe("/chat/completions", "tide", 200, 0.02, None, 0.25)
+    counts.observe(ROUTE, "openai", 502, 0.5)
+    counts.observe("/health", "-", 200, 0.0001)
 
 
 def test_a_scrape_shows_what_prometheus_client_would() -> None:
@@ -58,8 +57,7 @@ def test_a_scrape_shows_what_prometheus_client_would() -> None:
 def test_one_process_counts_without_prometheus_client_metrics(monkeypatch: Any) -> None:
     monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
     metrics = Metrics()
-    metrics.observe_request(ROUTE, "openai", 200, 0.003)
-    metrics.observe_chat("openai", (5, 2), 0.001)
+    metrics.observe(ROUTE, "openai", 200, 0.003, (5, 2), 0.001)
     text = metrics.exposition().decode()
     assert (
         'tide_vllm_requests_total{route="/v1/chat/completions",shape="openai",status="200"} 1.0'

@@ -419,38 +419,60 @@ class _TideEvents:
     """The Tide stream's events, one per text delta, in the response's own shape; the events
     of deltas that arrived together are one block. The last event has empty content, the
     finish reason and the usage, and goes out with `[DONE]` (text deltas never carry a finish
-    reason or usage)."""
+    reason or usage).
 
-    __slots__ = ("state", "request_id", "model")
+    A text event differs from the next only in its content, so its bytes are the stream's
+    two fixed parts around the content's JSON string: a dict built and dumped per event cost
+    a third of the instructions of a Tide stream's first event. The last event is dumped
+    whole (a unit test checks the two ways give the same bytes)."""
+
+    __slots__ = ("state", "request_id", "model", "_before", "_after", "_first")
 
     def __init__(self, state: dict[str, Any], model: str) -> None:
         self.state = state
         self.request_id: str = state["request_id"]
         self.model = model
+        self._before = b'data: {"request_id":' + orjson.dumps(self.request_id) + b',"content":'
+        self._after = (
+            b',"model":' + orjson.dumps(model) + b',"usage":null,"finish_reason":null,'
+            b'"error":null}\n\n'
+        )
+        self._first = True  # no text has gone out yet
 
     def __call__(self, deltas: list[ChatDelta]) -> bytes:
-        state = self.state
         events = []
         for delta in deltas:
-            event = {
-                "request_id": self.request_id,
-                "content": delta.content,
-                "model": self.model,
-                "usage": None,
-                "finish_reason": delta.finish_reason,
-                "error": None,
-            }
-            if delta.content and "first_token_at" not in state:
-                state["first_token_at"] = time.perf_counter()
-            if delta.usage is not None:
-                u = delta.usage
-                state["usage"] = (u.prompt_tokens, u.completion_tokens)
-                event["usage"] = usage_body(u)
-            events.append(b"data: " + orjson.dumps(event) + b"\n\n")
+            if delta.content and delta.finish_reason is None and delta.usage is None:
+                if self._first:
+                    self._first = False
+                    self.state["first_token_at"] = time.perf_counter()
+                events.append(self._before + orjson.dumps(delta.content) + self._after)
+                continue
+            events.append(self.last_event(delta))
             if delta.finish_reason is not None or delta.usage is not None:
                 events.append(DONE)
                 break
         return b"".join(events)
+
+    def last_event(self, delta: ChatDelta) -> bytes:
+        """An event dumped from all its fields: the last, with the finish reason and the
+        usage."""
+        event = {
+            "request_id": self.request_id,
+            "content": delta.content,
+            "model": self.model,
+            "usage": None,
+            "finish_reason": delta.finish_reason,
+            "error": None,
+        }
+        if delta.content and self._first:
+            self._first = False
+            self.state["first_token_at"] = time.perf_counter()
+        if delta.usage is not None:
+            u = delta.usage
+            self.state["usage"] = (u.prompt_tokens, u.completion_tokens)
+            event["usage"] = usage_body(u)
+        return b"data: " + orjson.dumps(event) + b"\n\n"
 
 
 def _openai_error_event(exc: ChatError) -> bytes:

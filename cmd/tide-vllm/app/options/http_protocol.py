@@ -44,6 +44,34 @@ _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _LAST_CHUNK = b"0\r\n\r\n"
 
 
+class _DefaultHeaders:
+    """uvicorn's default headers (server, date) as head lines: uvicorn replaces its list when
+    the date changes, once a second, and the lines are made again only then."""
+
+    __slots__ = ("of", "lines")
+
+    def __init__(self) -> None:
+        self.of: list[tuple[bytes, bytes]] | None = None
+        self.lines = b""
+
+
+_DEFAULTS = _DefaultHeaders()
+
+
+def _defaults(server_state: Any) -> bytes:
+    headers = server_state.default_headers
+    if headers is not _DEFAULTS.of:
+        names = [name.lower() for name, _ in headers]
+        values = [value for _, value in headers]
+        if _BAD_NAME.search(b"".join(names)) or _BAD_VALUE.search(b"".join(values)):
+            raise RuntimeError("Invalid HTTP header in the server's default headers.")
+        _DEFAULTS.lines = b"".join(
+            name + b": " + value + b"\r\n" for name, value in zip(names, values, strict=True)
+        )
+        _DEFAULTS.of = headers
+    return _DEFAULTS.lines
+
+
 class RequestCycle:
     """One request and its response, on the ASGI interface (`receive`, `send`)."""
 
@@ -166,30 +194,36 @@ class RequestCycle:
         self.response_started = True
         self.expect_100 = False
         status = message["status"]
-        headers = self.protocol.server_state.default_headers + list(message.get("headers", ()))
-        names = [name.lower() for name, _ in headers]
-        values = [value for _, value in headers]
-        if _BAD_NAME.search(b"".join(names)):
-            raise RuntimeError("Invalid HTTP header name.")
-        if _BAD_VALUE.search(b"".join(values)):
-            raise RuntimeError("Invalid HTTP header value.")
+        headers = message.get("headers", ())
         framed = close = False
-        head = [STATUS_LINE[status]]
-        for name, value in zip(names, values, strict=True):
-            head += (name, b": ", value, b"\r\n")
-            if name not in _FRAMING:
-                continue
-            if name == b"content-length":
-                if not framed:
-                    self.length_left = int(value.decode())
-                    framed = True
-            elif name == b"transfer-encoding":
-                if value.lower() == b"chunked":
-                    self.length_left = 0
-                    self.chunked = framed = True
-            elif b"close" in [token.lower().strip() for token in value.split(b",")]:
-                self.keep_alive = False
-                close = True
+        if headers:
+            raw_names = [name for name, _ in headers]
+            values = [value for _, value in headers]
+            if _BAD_NAME.search(b"".join(raw_names)):
+                raise RuntimeError("Invalid HTTP header name.")
+            if _BAD_VALUE.search(b"".join(values)):
+                raise RuntimeError("Invalid HTTP header value.")
+            # Lower-cased all at once: no name holds a newline (checked just above).
+            names = b"\n".join(raw_names).lower().split(b"\n")
+            lines = b"\r\n".join(map(b": ".join, zip(names, values, strict=True))) + b"\r\n"
+            if not _FRAMING.isdisjoint(names):
+                for name, value in zip(names, values, strict=True):
+                    if name == b"content-length":
+                        if not framed:
+                            self.length_left = int(value.decode())
+                            framed = True
+                    elif name == b"transfer-encoding":
+                        if value.lower() == b"chunked":
+                            self.length_left = 0
+                            self.chunked = framed = True
+                    elif name == b"connection" and b"close" in [
+                        token.lower().strip() for token in value.split(b",")
+                    ]:
+                        self.keep_alive = False
+                        close = True
+        else:
+            lines = b""
+        head = [STATUS_LINE[status], _defaults(self.protocol.server_state), lines]
         if not self.keep_alive and not close:
             head.append(b"connection: close\r\n")
         if not framed and not self.head_only and status not in (204, 304):

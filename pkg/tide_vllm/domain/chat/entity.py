@@ -53,13 +53,13 @@ class EngineFailed(ChatError):
         self.status = status
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Message:
     role: str
     content: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SamplingParams:
     max_tokens: int
     temperature: float
@@ -74,14 +74,14 @@ class SamplingParams:
             raise InvalidChatRequest("top_p", "must be greater than 0 and at most 1")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ChatEntity:
     """One chat request as the service understands it: who asks, what, and how to sample."""
 
@@ -95,7 +95,7 @@ class ChatEntity:
             raise InvalidChatRequest("messages", "at least one message is required")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ChatResult:
     request_id: str
     content: str
@@ -104,7 +104,7 @@ class ChatResult:
     finish_reason: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ChatDelta:
     """One step of a streamed chat: new text, and at the end the finish reason and usage."""
 
@@ -113,7 +113,7 @@ class ChatDelta:
     usage: Usage | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class OpenAIChat:
     """An OpenAI chat request. The service reads what it must (model, stream, request id) and
     carries the caller's payload to vLLM unchanged, so every field — tools, response_format,
@@ -139,7 +139,7 @@ class EngineState(str, Enum):
     EXTERNAL = "external"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class EngineStatus:
     """What /health reports: whether vLLM serves the model, and if not, why."""
 

@@ -189,26 +189,34 @@ class _DeltaReader:
 
     def read(self, block: bytes) -> list[ChatDelta]:
         deltas = []
-        for data in _data_lines(block):
+        for line in block.split(b"\n"):  # vLLM sends one `data:` line per event
+            if not line.startswith(b"data:"):
+                continue
+            data = line[5:].strip()
             if data == b"[DONE]":
                 self.done = True
                 deltas.append(ChatDelta(finish_reason=self.finish_reason, usage=self.usage))
                 break
-            chunk = _json_object(data)
+            try:
+                chunk = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                raise EngineFailed("vLLM returned an event that is not JSON") from None
+            if type(chunk) is not dict:
+                raise EngineFailed("vLLM returned an event that is not a JSON object")
             if "error" in chunk:
                 raise _error_from_body(chunk, 502)
-            self.usage = _usage(chunk.get("usage")) or self.usage
+            usage = chunk.get("usage")
+            if usage is not None:
+                self.usage = _usage(usage) or self.usage
             for choice in chunk.get("choices") or ():
-                text = (choice.get("delta") or {}).get("content") or ""
-                self.finish_reason = choice.get("finish_reason") or self.finish_reason
+                delta = choice.get("delta")
+                text = delta.get("content") if delta else None
+                finish = choice.get("finish_reason")
+                if finish:
+                    self.finish_reason = finish
                 if text:
                     deltas.append(ChatDelta(content=text))
         return deltas
-
-
-def _data_lines(block: bytes) -> list[bytes]:
-    """The `data:` payloads of a block of one or more events (vLLM sends one line per event)."""
-    return [line[5:].strip() for line in block.split(b"\n") if line.startswith(b"data:")]
 
 
 def _payload(chat: ChatEntity) -> dict[str, Any]:
