@@ -165,7 +165,10 @@ class GatewayMiddleware:
         path: str = scope["path"]
         headers = dict(scope["headers"])
         state: dict[str, Any] = scope.setdefault("state", {})
-        request_id = valid_request_id(_decode(headers.get(b"x-request-id"))) or new_request_id()
+        given = headers.get(b"x-request-id")
+        request_id = None if given is None else valid_request_id(given.decode("latin-1"))
+        if request_id is None:
+            request_id = new_request_id()
         state["request_id"] = request_id
         state["started"] = started
         state["headers"] = headers
@@ -267,10 +270,6 @@ class GatewayMiddleware:
             ACCESS_LOGGER, logging.INFO, "", 0, line.message(), None, None, extra=line.fields()
         )
         access_log.handle(record)
-
-
-def _decode(value: bytes | None) -> str | None:
-    return value.decode("latin-1") if value is not None else None
 
 
 async def _send_error(

@@ -289,7 +289,7 @@ class _Exchange:
         headers: dict[bytes, bytes] = self.state["headers"]  # the gateway's, a dict
         content_type = headers.get(b"content-type")
         length = headers.get(b"content-length")
-        if content_type is not None:
+        if content_type is not None and content_type != JSON:
             media = content_type.split(b";", 1)[0].strip().lower().decode("latin-1")
             if media != "application/json" and not media.endswith("+json"):
                 raise RequestRejected(
