@@ -137,6 +137,32 @@ async def test_a_header_that_would_split_the_head_is_refused(headers, error):
     assert protocol.transport.writes == []
 
 
+async def test_header_names_go_out_lower_case_from_any_iterable_of_pairs():
+    cycle, protocol = _cycle()
+    pairs = ([b"Content-Length", b"2"], [b"X-Request-Id", b"Ab"], (b"Connection", b"Close"))
+    start = {"type": "http.response.start", "status": 200, "headers": (p for p in pairs)}
+    await cycle.send(start)
+    await cycle.send({"type": "http.response.body", "body": b"{}"})
+    assert protocol.transport.writes == [
+        b"HTTP/1.1 200 OK\r\nserver: t\r\ncontent-length: 2\r\nx-request-id: Ab\r\n"
+        b"connection: Close\r\n\r\n{}"
+    ]
+    assert protocol.transport.closed  # `Connection: close`, whatever its case
+
+
+async def test_the_server_headers_follow_the_servers_list_when_it_changes():
+    cycle, protocol = _cycle()
+    protocol.server_state.default_headers = [(b"date", b"one"), (b"server", b"t")]
+    await cycle.send(START)
+    await cycle.send({"type": "http.response.body", "body": b"{}"})
+    cycle, protocol2 = _cycle()
+    protocol2.server_state.default_headers = [(b"date", b"two"), (b"server", b"t")]
+    await cycle.send(START)
+    await cycle.send({"type": "http.response.body", "body": b"{}"})
+    assert b"date: one\r\n" in protocol.transport.writes[0]
+    assert b"date: two\r\n" in protocol2.transport.writes[0]
+
+
 async def test_a_body_longer_or_shorter_than_its_content_length_is_refused():
     cycle, _ = _cycle()
     await cycle.send(START)

@@ -422,9 +422,9 @@ class _TideEvents:
     reason or usage).
 
     A text event differs from the next only in its content, so its bytes are the stream's
-    two fixed parts around the content's JSON string: a dict built and dumped per event cost
-    a third of the instructions of a Tide stream's first event. The last event is dumped
-    whole (a unit test checks the two ways give the same bytes)."""
+    two fixed parts around the content's JSON string, instead of a dict built and dumped per
+    event (0.69 → 0.52 µs an event here). The last event is dumped whole; a unit test checks
+    that the two ways give the same bytes."""
 
     __slots__ = ("state", "request_id", "model", "_before", "_after", "_first")
 

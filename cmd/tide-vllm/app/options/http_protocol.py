@@ -195,6 +195,8 @@ class RequestCycle:
         self.expect_100 = False
         status = message["status"]
         headers = message.get("headers", ())
+        if type(headers) is not list:  # any iterable of pairs, as ASGI allows: read once
+            headers = list(headers)
         framed = close = False
         if headers:
             raw_names = [name for name, _ in headers]
