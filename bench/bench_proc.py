@@ -19,6 +19,7 @@ REPO = BENCH_DIR.parent
 STUB = BENCH_DIR / "stub_upstream.py"
 REFERENCE = BENCH_DIR / "reference_passthrough.py"
 MINIMAL_RELAY = BENCH_DIR / "minimal_relay.py"
+MINIMAL_HTTP_RELAY = BENCH_DIR / "minimal_http_relay.py"
 ENTRY = REPO / "cmd" / "tide-vllm" / "main.py"
 EXIT_CONFIG = 2
 
@@ -139,6 +140,13 @@ def start_minimal_relay(python: str, upstream_port: int, workdir: Path) -> Serve
     """The byte relay (bench/minimal_relay.py) in front of the stub."""
     command = [python, str(MINIMAL_RELAY), "--port", "0", "--upstream-port", str(upstream_port)]
     return _start_printing_port("minimal relay", command, workdir / "minimal-relay.log")
+
+
+def start_minimal_http_relay(python: str, upstream_port: int, workdir: Path) -> Server:
+    """The HTTP relay without a framework (bench/minimal_http_relay.py) in front of the stub."""
+    command = [python, str(MINIMAL_HTTP_RELAY), "--port", "0"]
+    command += ["--upstream-port", str(upstream_port)]
+    return _start_printing_port("minimal HTTP relay", command, workdir / "minimal-http-relay.log")
 
 
 def _start_printing_port(name: str, command: list[str], log: Path) -> Server:

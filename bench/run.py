@@ -27,7 +27,9 @@ and through tide-vllm, side by side:
   `litellm`, a LiteLLM proxy with one worker (bench/litellm_proxy.py), also streaming, one
   stream at a time: time to first token and the whole 64-chunk stream; and phase `floor`, those
   streams only, through a relay that copies bytes and parses nothing (bench/minimal_relay.py):
-  what one more process in the path costs here, whatever it does. LiteLLM is not one of
+  what one more process in the path costs here, whatever it does, and through a relay that
+  parses HTTP and the request's JSON with no framework (bench/minimal_http_relay.py): what
+  HTTP itself costs in Python here. LiteLLM is not one of
   tide-vllm's dependencies: the phase installs a pinned release into a venv of its own,
   bench/.venv-litellm, on first use (about a minute), and is skipped, with one line, when that
   fails (no network). Their rows are named after them ("…, LiteLLM proxy").
@@ -71,6 +73,7 @@ from bench_proc import (
     process_tree,
     raise_fd_limit,
     start_gateway,
+    start_minimal_http_relay,
     start_minimal_relay,
     start_reference,
     start_stub,
@@ -327,18 +330,23 @@ def measure_reference(bench: Bench) -> None:
 
 
 def measure_floor(bench: Bench) -> None:
-    """A relay that only copies bytes (bench/minimal_relay.py: no HTTP parsing) in tide-vllm's
-    place, streams one at a time: what one more process in the path costs on this machine,
-    whatever it does, so that tide-vllm's own share of its time to first token shows."""
-    relay = start_minimal_relay(bench.python, bench.stub.port, bench.workdir)
-    label = "minimal byte relay"
-    try:
-        announce(bench, "minimal byte relay (no HTTP), for the floor")
-        bench.raw["floor"] = {
-            "streaming": other_server_streams(bench, relay, label, "floor", unpinned=True)
-        }
-    finally:
-        stop(relay)
+    """Two relays in tide-vllm's place, streams one at a time. One only copies bytes
+    (bench/minimal_relay.py): what one more process in the path costs on this machine, whatever
+    it does. The other parses HTTP and the request's JSON and re-frames the answer, with no
+    framework (bench/minimal_http_relay.py): what HTTP itself costs in Python here. What
+    tide-vllm adds beyond that is its framework and its own work."""
+    for start, label, key in (
+        (start_minimal_relay, "minimal byte relay", "floor"),
+        (start_minimal_http_relay, "minimal HTTP relay", "http_floor"),
+    ):
+        relay = start(bench.python, bench.stub.port, bench.workdir)
+        try:
+            announce(bench, f"{label}, for the floor")
+            bench.raw[key] = {
+                "streaming": other_server_streams(bench, relay, label, key, unpinned=True)
+            }
+        finally:
+            stop(relay)
 
 
 def measure_litellm(bench: Bench) -> None:
