@@ -13,13 +13,12 @@ stdout is `PORT <n>` once it listens.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-from typing import cast
 
 import httptools
+import minimal_relay
 import orjson
-from minimal_relay import _nodelay
+from minimal_relay import _nodelay, main
 
 REASONS = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 500: b"Internal Server Error"}
 
@@ -59,45 +58,24 @@ class Upstream(asyncio.Protocol):
         self.client.end()
 
 
-class Client(asyncio.Protocol):
+class Client(minimal_relay.Client):
+    """The byte relay's client connection, with HTTP on both sides."""
+
     def __init__(self, upstream_port: int) -> None:
-        self.upstream_port = upstream_port
-        self.upstream: asyncio.Transport | None = None
-        self.pending: list[bytes] = []
-        self.transport: asyncio.Transport | None = None
+        super().__init__(upstream_port)
         self.parser = httptools.HttpRequestParser(self)
         self.body: list[bytes] = []
         self.held = b""  # the answer's head, until its first body bytes
         self.out: list[bytes] = []
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-        _nodelay(transport)
-        asyncio.get_running_loop().create_task(self.connect())
-
-    async def connect(self) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            upstream, _ = await loop.create_connection(
-                lambda: Upstream(self), "127.0.0.1", self.upstream_port
-            )
-        except OSError:
-            self.close()
-            return
-        self.upstream = cast(asyncio.Transport, upstream)
-        for data in self.pending:
-            self.upstream.write(data)
-        self.pending.clear()
+    def upstream_protocol(self) -> asyncio.Protocol:
+        return Upstream(self)
 
     def data_received(self, data: bytes) -> None:
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError:
             self.close()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.upstream is not None:
-            self.upstream.close()
 
     def close(self) -> None:
         if self.transport is not None:
@@ -120,10 +98,7 @@ class Client(asyncio.Protocol):
             b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\n"
             b"content-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(raw)
         )
-        if self.upstream is not None:
-            self.upstream.write(head + raw)
-        else:
-            self.pending.append(head + raw)
+        super().data_received(head + raw)  # to the upstream, once connected
 
     # -- the answer, from the upstream
     def start(self, status: int, content_type: bytes) -> None:
@@ -146,28 +121,5 @@ class Client(asyncio.Protocol):
             self.out.clear()
 
 
-async def serve(port: int, upstream_port: int) -> None:
-    loop = asyncio.get_running_loop()
-    server = await loop.create_server(
-        lambda: Client(upstream_port), "127.0.0.1", port, backlog=4096, reuse_address=True
-    )
-    print(f"PORT {server.sockets[0].getsockname()[1]}", flush=True)
-    async with server:
-        await server.serve_forever()
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--port", type=int, default=0, help="0 = any free port")
-    parser.add_argument("--upstream-port", type=int, required=True)
-    args = parser.parse_args()
-    import uvloop
-
-    try:
-        uvloop.run(serve(args.port, args.upstream_port))
-    except KeyboardInterrupt:
-        pass
-
-
 if __name__ == "__main__":
-    main()
+    main(Client, __doc__)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import socket
+from collections.abc import Callable
 from typing import cast
 
 
@@ -51,14 +52,15 @@ class Client(asyncio.Protocol):
         _nodelay(transport)
         asyncio.get_running_loop().create_task(self.connect())
 
+    def upstream_protocol(self) -> asyncio.Protocol:
+        return Upstream(cast(asyncio.Transport, self.transport))
+
     async def connect(self) -> None:
         assert self.transport is not None
         loop = asyncio.get_running_loop()
         try:
             upstream, _ = await loop.create_connection(
-                lambda: Upstream(cast(asyncio.Transport, self.transport)),
-                "127.0.0.1",
-                self.upstream_port,
+                self.upstream_protocol, "127.0.0.1", self.upstream_port
             )
         except OSError:
             self.transport.close()
@@ -79,25 +81,26 @@ class Client(asyncio.Protocol):
             self.upstream.close()
 
 
-async def serve(port: int, upstream_port: int) -> None:
+async def serve(port: int, upstream_port: int, client: Callable[[int], asyncio.Protocol]) -> None:
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
-        lambda: Client(upstream_port), "127.0.0.1", port, backlog=4096, reuse_address=True
+        lambda: client(upstream_port), "127.0.0.1", port, backlog=4096, reuse_address=True
     )
     print(f"PORT {server.sockets[0].getsockname()[1]}", flush=True)
     async with server:
         await server.serve_forever()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(client: Callable[[int], asyncio.Protocol] = Client, doc: str | None = __doc__) -> None:
+    """Serve `client` connections (a protocol made with the upstream's port) until stopped."""
+    parser = argparse.ArgumentParser(description=(doc or "").splitlines()[0])
     parser.add_argument("--port", type=int, default=0, help="0 = any free port")
     parser.add_argument("--upstream-port", type=int, required=True)
     args = parser.parse_args()
     import uvloop
 
     try:
-        uvloop.run(serve(args.port, args.upstream_port))
+        uvloop.run(serve(args.port, args.upstream_port, client))
     except KeyboardInterrupt:
         pass
 

@@ -85,22 +85,14 @@ class _LocalCounts(Collector):
         key = (route, shape, status)
         requests = self.requests
         requests[key] = requests.get(key, 0) + 1
-        counts = self.latency.get((route, shape))
-        if counts is None:
-            counts = self.latency[(route, shape)] = _new_histogram()
-        counts[bisect_left(LATENCY_BUCKETS, took)] += 1
-        counts[-1] += took
+        _observe(self.latency, (route, shape), took)
         if usage is None and first_token is None:
             return
         prompt, completion = usage or (0, 0)  # a shape's counts show from its first chat on
         self.prompt_tokens[shape] = self.prompt_tokens.get(shape, 0) + prompt
         self.completion_tokens[shape] = self.completion_tokens.get(shape, 0) + completion
         if first_token is not None:
-            counts = self.ttft.get(shape)
-            if counts is None:
-                counts = self.ttft[shape] = _new_histogram()
-            counts[bisect_left(LATENCY_BUCKETS, first_token)] += 1
-            counts[-1] += first_token
+            _observe(self.ttft, shape, first_token)
 
     def collect(self) -> Iterator[Metric]:
         requests = CounterMetricFamily(
@@ -121,11 +113,14 @@ class _LocalCounts(Collector):
             yield family
 
 
-def _new_histogram() -> list[float]:
-    """A histogram's counts per bucket (the last bucket is +Inf), then the sum of its values.
-    A value counts in the first bucket whose bound is not below it (`bisect_left`), so a value
-    equal to a bound counts in that bound's bucket, as Prometheus's `le` says."""
-    return [0.0] * (len(LATENCY_BUCKETS) + 2)
+def _observe(histograms: dict[Any, list[float]], key: Any, value: float) -> None:
+    """One value into the histogram of `key`: a count per bucket (the last is +Inf), then the
+    sum. A value equal to a bound counts in that bound's bucket, as Prometheus's `le` says."""
+    counts = histograms.get(key)
+    if counts is None:
+        counts = histograms[key] = [0.0] * (len(LATENCY_BUCKETS) + 2)
+    counts[bisect_left(LATENCY_BUCKETS, value)] += 1
+    counts[-1] += value
 
 
 def _histogram(
