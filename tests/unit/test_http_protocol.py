@@ -150,6 +150,16 @@ async def test_header_names_go_out_lower_case_from_any_iterable_of_pairs():
     assert protocol.transport.closed  # `Connection: close`, whatever its case
 
 
+async def test_a_response_without_headers_from_a_server_without_default_headers():
+    cycle, protocol = _cycle()
+    protocol.server_state.default_headers = []
+    await cycle.send({"type": "http.response.start", "status": 200})
+    await cycle.send({"type": "http.response.body", "body": b"hi"})
+    assert protocol.transport.writes == [
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n"
+    ]
+
+
 async def test_the_server_headers_follow_the_servers_list_when_it_changes():
     cycle, protocol = _cycle()
     protocol.server_state.default_headers = [(b"date", b"one"), (b"server", b"t")]

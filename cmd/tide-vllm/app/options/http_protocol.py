@@ -58,16 +58,27 @@ class _DefaultHeaders:
 _DEFAULTS = _DefaultHeaders()
 
 
+def _header_lines(headers: list[Any]) -> tuple[list[bytes], list[bytes], bytes]:
+    """Headers' names (lower case) and values, checked as uvicorn checks them, and their lines
+    in a response's head."""
+    if not headers:
+        return [], [], b""
+    raw_names = [name for name, _ in headers]
+    values = [value for _, value in headers]
+    if _BAD_NAME.search(b"".join(raw_names)):
+        raise RuntimeError("Invalid HTTP header name.")
+    if _BAD_VALUE.search(b"".join(values)):
+        raise RuntimeError("Invalid HTTP header value.")
+    # Lower-cased all at once: no name holds a newline (checked just above).
+    names = b"\n".join(raw_names).lower().split(b"\n")
+    lines = b"\r\n".join(map(b": ".join, zip(names, values, strict=True))) + b"\r\n"
+    return names, values, lines
+
+
 def _defaults(server_state: Any) -> bytes:
     headers = server_state.default_headers
     if headers is not _DEFAULTS.of:
-        names = [name.lower() for name, _ in headers]
-        values = [value for _, value in headers]
-        if _BAD_NAME.search(b"".join(names)) or _BAD_VALUE.search(b"".join(values)):
-            raise RuntimeError("Invalid HTTP header in the server's default headers.")
-        _DEFAULTS.lines = b"".join(
-            name + b": " + value + b"\r\n" for name, value in zip(names, values, strict=True)
-        )
+        _DEFAULTS.lines = _header_lines(headers)[2]
         _DEFAULTS.of = headers
     return _DEFAULTS.lines
 
@@ -198,33 +209,22 @@ class RequestCycle:
         if type(headers) is not list:  # any iterable of pairs, as ASGI allows: read once
             headers = list(headers)
         framed = close = False
-        if headers:
-            raw_names = [name for name, _ in headers]
-            values = [value for _, value in headers]
-            if _BAD_NAME.search(b"".join(raw_names)):
-                raise RuntimeError("Invalid HTTP header name.")
-            if _BAD_VALUE.search(b"".join(values)):
-                raise RuntimeError("Invalid HTTP header value.")
-            # Lower-cased all at once: no name holds a newline (checked just above).
-            names = b"\n".join(raw_names).lower().split(b"\n")
-            lines = b"\r\n".join(map(b": ".join, zip(names, values, strict=True))) + b"\r\n"
-            if not _FRAMING.isdisjoint(names):
-                for name, value in zip(names, values, strict=True):
-                    if name == b"content-length":
-                        if not framed:
-                            self.length_left = int(value.decode())
-                            framed = True
-                    elif name == b"transfer-encoding":
-                        if value.lower() == b"chunked":
-                            self.length_left = 0
-                            self.chunked = framed = True
-                    elif name == b"connection" and b"close" in [
-                        token.lower().strip() for token in value.split(b",")
-                    ]:
-                        self.keep_alive = False
-                        close = True
-        else:
-            lines = b""
+        names, values, lines = _header_lines(headers)
+        if not _FRAMING.isdisjoint(names):
+            for name, value in zip(names, values, strict=True):
+                if name == b"content-length":
+                    if not framed:
+                        self.length_left = int(value.decode())
+                        framed = True
+                elif name == b"transfer-encoding":
+                    if value.lower() == b"chunked":
+                        self.length_left = 0
+                        self.chunked = framed = True
+                elif name == b"connection" and b"close" in [
+                    token.lower().strip() for token in value.split(b",")
+                ]:
+                    self.keep_alive = False
+                    close = True
         head = [STATUS_LINE[status], _defaults(self.protocol.server_state), lines]
         if not self.keep_alive and not close:
             head.append(b"connection: close\r\n")
