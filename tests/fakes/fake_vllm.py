@@ -9,6 +9,8 @@ as FAKE_VLLM_MODE says, a comma-separated list of:
   ignore_sigterm   ignore SIGTERM (the supervisor must SIGKILL)
   grandchild       fork a child process that sleeps, in the same process group (and ignores
                    SIGTERM too with ignore_sigterm)
+  stubborn_grandchild  fork a child that ignores SIGTERM while this server exits on it (a stuck
+                   EngineCore under an API server that stops cleanly)
   die_after=S      exit with code 9 S seconds after becoming ready
   die_once=S       the same, but only the first time (a marker file beside the pid file)
   deaf_after=S     S seconds after becoming ready, stop answering (the process stays)
@@ -40,9 +42,11 @@ def main() -> None:
     print(f"INFO fake vLLM starting, pid {os.getpid()}, argv {' '.join(sys.argv[1:])}", flush=True)
     if "ignore_sigterm" in modes:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    if "grandchild" in modes:
+    if "grandchild" in modes or "stubborn_grandchild" in modes:
         ignore = (
-            "signal.signal(signal.SIGTERM, signal.SIG_IGN); " if "ignore_sigterm" in modes else ""
+            "signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+            if "ignore_sigterm" in modes or "stubborn_grandchild" in modes
+            else ""
         )
         child = subprocess.Popen(
             [sys.executable, "-c", f"import signal, time; {ignore}time.sleep(1000)"]

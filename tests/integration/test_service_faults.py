@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from tests.fakes.upstream import MODEL, Recorder, ServerThread, build_upstream
-from tests.helpers import PYTHON, ROOT, alive, descendants, free_port
+from tests.helpers import PYTHON, ROOT, alive, command_line, descendants, free_port
 from tests.service import ServiceProcess, fake_vllm_config
 
 
@@ -33,6 +33,27 @@ def test_sigkill_of_tide_vllm_leaves_no_vllm_process_after_5_seconds(tmp_path):
         while any(alive(p) for p in tree):
             left = [p for p in tree if alive(p)]
             assert time.monotonic() - killed < 5, f"vLLM processes outlived tide-vllm: {left}"
+            time.sleep(0.05)
+    finally:
+        service.kill_all()
+
+
+def test_sigkill_of_tide_vllm_ends_a_grandchild_that_ignores_sigterm(tmp_path):
+    """vLLM's API server exits on the launcher's SIGTERM while a stuck EngineCore ignores it:
+    the launcher must still SIGKILL the group instead of leaving with its child."""
+    config = fake_vllm_config("stubborn_grandchild", stop_timeout=2)
+    service = ServiceProcess(config, tmp_path)
+    try:
+        service.wait_healthy(timeout=30)
+        tree = descendants(service.proc.pid)
+        stubborn = [p for p in tree if "time.sleep(1000)" in command_line(p)]
+        assert len(stubborn) == 1, tree
+        service.proc.send_signal(signal.SIGKILL)
+        service.proc.wait()
+        killed = time.monotonic()
+        while any(alive(p) for p in tree):
+            left = [p for p in tree if alive(p)]
+            assert time.monotonic() - killed < 8, f"vLLM processes outlived tide-vllm: {left}"
             time.sleep(0.05)
     finally:
         service.kill_all()

@@ -23,24 +23,45 @@ import threading
 import time
 
 
+def group_alive() -> bool:
+    """True while a process of this launcher's group other than itself is alive (read from
+    /proc; zombies hold nothing and are skipped)."""
+    me, pgid = os.getpid(), os.getpgid(0)
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                stat = f.read().decode(errors="replace")
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2 :].split()
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in "ZX":
+            return True
+    return False
+
+
 def end_group(child: subprocess.Popen[bytes], grace: float) -> None:
-    """SIGTERM to the group, SIGKILL after `grace` (or as soon as vLLM's API server is gone
-    and its children had a moment to follow)."""
+    """SIGTERM to the group, then SIGKILL once every other member is gone or `grace` has
+    passed, whichever comes first. vLLM's API server may exit on SIGTERM while a stuck
+    EngineCore or Worker ignores it: the group is not done until they are gone too."""
     os.killpg(0, signal.SIGTERM)
     deadline = time.monotonic() + grace
-    while child.poll() is None and time.monotonic() < deadline:
+    while time.monotonic() < deadline and (child.poll() is None or group_alive()):
         time.sleep(0.05)
-    time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
     os.killpg(0, signal.SIGKILL)  # ends this launcher too
 
 
-def watch_lifeline(fd: int, child: subprocess.Popen[bytes], grace: float) -> None:
+def watch_lifeline(
+    fd: int, child: subprocess.Popen[bytes], grace: float, ending: threading.Event
+) -> None:
     try:
         while os.read(fd, 64):
             pass
     except OSError:
         pass
     # No message: stdout and stderr are a pipe to tide-vllm, which is gone (EPIPE).
+    ending.set()
     try:
         end_group(child, grace)
     finally:
@@ -61,8 +82,14 @@ def main(argv: list[str]) -> int:
     # meant for vLLM; the launcher leaves when its child does.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    threading.Thread(target=watch_lifeline, args=(fd, child, grace), daemon=True).start()
+    ending = threading.Event()
+    watcher = threading.Thread(target=watch_lifeline, args=(fd, child, grace, ending), daemon=True)
+    watcher.start()
     code = child.wait()
+    if ending.is_set():
+        # tide-vllm is gone and the group's end is under way: the child leaving on SIGTERM
+        # must not end the launcher before it has killed whatever ignored the SIGTERM.
+        watcher.join()
     return code if code >= 0 else 128 - code
 
 
