@@ -17,6 +17,7 @@ from tests.helpers import MAIN, PYTHON, alive, descendants
 class ServiceProcess:
     def __init__(self, config: dict, tmp_dir: Path, env: dict[str, str] | None = None) -> None:
         self.config = config
+        tmp_dir.mkdir(parents=True, exist_ok=True)
         self.config_path = tmp_dir / "tide-vllm.yaml"
         self.config_path.write_text(yaml.safe_dump(config, allow_unicode=True))
         self.log_path = tmp_dir / "tide-vllm.log"

@@ -59,6 +59,29 @@ def test_sigkill_of_tide_vllm_ends_a_grandchild_that_ignores_sigterm(tmp_path):
         service.kill_all()
 
 
+def test_a_second_start_on_the_same_ports_names_them_and_harms_nothing(tmp_path):
+    config = fake_vllm_config("grandchild")
+    config["vllm"]["pid_file"] = str(tmp_path / "vllm.pid")
+    first = ServiceProcess(config, tmp_path / "first")
+    try:
+        first.wait_healthy(timeout=30)
+        tree = descendants(first.proc.pid)
+        second = ServiceProcess(config, tmp_path / "second")
+        try:
+            assert second.proc.wait(timeout=30) != 0
+            log = second.log()
+            assert f"running tide-vllm pid {first.proc.pid}" in log
+            assert f"vllm.port {config['vllm']['port']}" in log
+            assert f"web.bind_address.port {config['web']['bind_address']['port']}" in log
+            assert "stopping vLLM process group" not in log
+        finally:
+            second.kill_all()
+        assert all(alive(p) for p in tree), "the first instance's processes were touched"
+        assert httpx.get(first.url + "/health").status_code == 200
+    finally:
+        first.kill_all()
+
+
 @pytest.fixture
 def upstream() -> Iterator[ServerThread]:
     with ServerThread(build_upstream(Recorder()), free_port()) as server:

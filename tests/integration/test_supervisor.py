@@ -23,7 +23,7 @@ from tide_vllm_cmd.app.options.plugin_vllm import (
     build_command,
     check_installed,
 )
-from tide_vllm_cmd.app.options.processes import group_members, listening_pids
+from tide_vllm_cmd.app.options.processes import group_members, listening_pids, start_time
 
 
 def make_manager(tmp_path: Path, mode: str = "", fatal: list[str] | None = None, **overrides):
@@ -229,6 +229,101 @@ async def test_a_foreign_process_on_the_vllm_port_is_named(tmp_path):
         assert f"vllm.port {port} is already in use by pid {foreign.pid}" in message
         assert "http.server" in message
         assert foreign.poll() is None, "a foreign process must not be killed"
+    finally:
+        foreign.kill()
+        foreign.wait()
+
+
+async def test_a_group_whose_tide_vllm_still_runs_is_left_alone_and_named(tmp_path):
+    port = free_port()
+    env = {**os.environ, "FAKE_VLLM_MODE": "", "FAKE_VLLM_PIDFILE": str(tmp_path / "old")}
+    owner = subprocess.Popen([PYTHON, "-c", "import time; time.sleep(60)"])
+    theirs = subprocess.Popen(
+        [PYTHON, str(FAKE_VLLM), "--port", str(port), "--served-model-name", "fake-model"],
+        start_new_session=True,
+        env=env,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not listening_pids(port):
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        pid_file = tmp_path / "vllm.pid"
+        record = {
+            "pgid": theirs.pid,
+            "port": port,
+            "owner_pid": owner.pid,
+            "owner_start": start_time(owner.pid),
+        }
+        pid_file.write_text(json.dumps(record))
+        manager, _ = make_manager(tmp_path, "", port=port, pid_file=str(pid_file))
+        with pytest.raises(VLLMStartError) as info:
+            await manager.start()
+        message = str(info.value)
+        assert f"running tide-vllm pid {owner.pid}" in message
+        assert f"vllm.port {port}" in message and "Nothing was touched" in message
+        assert theirs.poll() is None, "the running instance's vLLM must not be stopped"
+        assert json.loads(pid_file.read_text()) == record
+    finally:
+        for proc in (owner, theirs):
+            proc.kill()
+            proc.wait()
+
+
+async def test_a_record_whose_owner_pid_was_reused_is_reclaimed(tmp_path):
+    """The recorded owner's pid now names another process (another start time): the group
+    is an orphan of a dead tide-vllm and is stopped."""
+    port = free_port()
+    env = {**os.environ, "FAKE_VLLM_MODE": "", "FAKE_VLLM_PIDFILE": str(tmp_path / "old")}
+    stale = subprocess.Popen(
+        [PYTHON, str(FAKE_VLLM), "--port", str(port), "--served-model-name", "fake-model"],
+        start_new_session=True,
+        env=env,
+    )
+    impostor = subprocess.Popen([PYTHON, "-c", "import time; time.sleep(60)"])
+    try:
+        deadline = time.monotonic() + 10
+        while not listening_pids(port):
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        pid_file = tmp_path / "vllm.pid"
+        record = {
+            "pgid": stale.pid,
+            "port": port,
+            "owner_pid": impostor.pid,
+            "owner_start": start_time(impostor.pid) - 1,
+        }
+        pid_file.write_text(json.dumps(record))
+        manager, _ = make_manager(tmp_path, "", port=port, pid_file=str(pid_file))
+        await manager.start()
+        await asyncio.wait_for(manager.wait_ready(), 20)
+        assert stale.wait(timeout=5) is not None
+        assert impostor.poll() is None
+        await manager.stop()
+    finally:
+        for proc in (stale, impostor):
+            proc.kill()
+            proc.wait()
+
+
+async def test_a_taken_web_port_is_refused_before_vllm_is_touched(tmp_path):
+    web_port = free_port()
+    foreign = subprocess.Popen(
+        [PYTHON, "-m", "http.server", str(web_port), "--bind", "127.0.0.1"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not listening_pids(web_port):
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        manager, pidfile = make_manager(tmp_path, "")
+        manager.web_port = web_port
+        with pytest.raises(VLLMStartError) as info:
+            await manager.start()
+        assert f"web.bind_address.port {web_port} (by pid {foreign.pid}" in str(info.value)
+        assert not pidfile.exists(), "no vLLM may be launched"
     finally:
         foreign.kill()
         foreign.wait()

@@ -30,7 +30,14 @@ from tide_vllm.infrastructure.vllm.vllm_client import VLLMClient
 from tide_vllm.infrastructure.vllm.vllm_repository import probe_models
 
 from .options import VLLMConfig, default_vllm_command
-from .processes import command_line, group_members, listening_pids, process_group
+from .processes import (
+    command_line,
+    group_members,
+    is_running,
+    listening_pids,
+    process_group,
+    start_time,
+)
 
 log = logging.getLogger("tide_vllm.supervisor")
 vllm_log = logging.getLogger("vllm")
@@ -89,31 +96,61 @@ def check_installed(config: VLLMConfig) -> None:
         )
 
 
-def reclaim_or_refuse_port(config: VLLMConfig) -> None:
-    """Before launching: a vLLM group left by an earlier run (recorded in the pid file) is
-    stopped; anything else holding vLLM's port is an error naming the port and the process."""
+def _owners(port: int) -> str:
+    return ", ".join(f"pid {pid} ({command_line(pid)[:120]})" for pid in listening_pids(port))
+
+
+def reclaim_or_refuse_port(config: VLLMConfig, web_port: int | None = None) -> None:
+    """Before launching, and before touching anything:
+
+    - a recorded vLLM group whose tide-vllm is still running belongs to that instance: refuse,
+      naming it, and leave it alone (a second `make run` must not stop the first one's vLLM);
+    - the web port taken by anything is refused the same way;
+    - a vLLM group left by a tide-vllm that is gone (recorded in the pid file) is stopped;
+    - anything else holding vLLM's port is an error naming the port and the process.
+    """
     pid_path = config.pid_path
-    stale = _recorded_group(pid_path)
+    record = _read_record(pid_path)
+    owner = record.get("owner_pid") if record else None
+    taken = []
+    if isinstance(owner, int) and owner != os.getpid():
+        if is_running(owner, record.get("owner_start")):
+            taken.append(f"vllm.port {config.port} (its vLLM, process group {record['pgid']})")
+    if web_port is not None and listening_pids(web_port):
+        taken.append(f"web.bind_address.port {web_port} (by {_owners(web_port)})")
+    if taken:
+        running = f" by the running tide-vllm pid {owner}" if taken[0].startswith("vllm") else ""
+        raise VLLMStartError(
+            f"already in use{running}: {'; '.join(taken)}. Nothing was touched: stop that "
+            "instance first, or give this one other ports (web.bind_address.port, vllm.port)"
+        )
+    stale = _recorded_group(record)
     if stale is not None and group_members(stale):
         log.warning("stopping vLLM process group %d left by an earlier run", stale)
         _kill_group_now(stale)
     with contextlib.suppress(OSError):
         pid_path.unlink()
-    owners = listening_pids(config.port)
+    owners = _owners(config.port)
     if owners:
-        who = ", ".join(f"pid {pid} ({command_line(pid)[:120]})" for pid in owners)
         raise VLLMStartError(
-            f"vllm.port {config.port} is already in use by {who}; stop it, choose another "
+            f"vllm.port {config.port} is already in use by {owners}; stop it, choose another "
             "vllm.port, or set vllm.auto_start: false to use that server"
         )
 
 
-def _recorded_group(pid_path: Path) -> int | None:
+def _read_record(pid_path: Path) -> dict[str, Any] | None:
     try:
         record = json.loads(pid_path.read_text())
-        pgid = int(record["pgid"])
+        int(record["pgid"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
+    return record if isinstance(record, dict) else None
+
+
+def _recorded_group(record: dict[str, Any] | None) -> int | None:
+    if record is None:
+        return None
+    pgid = int(record["pgid"])
     # Only a group still led by our launcher is ours to kill (pids are reused).
     if process_group(pgid) == pgid and str(LAUNCHER.name) in command_line(pgid):
         return pgid
@@ -149,8 +186,10 @@ class VLLMServerManager:
         on_fatal: Callable[[str], None] | None = None,
         env: dict[str, str] | None = None,
         api_key: str | None = None,
+        web_port: int | None = None,
     ) -> None:
         self.config = config
+        self.web_port = web_port  # checked free before anything is touched
         self.on_fatal = on_fatal
         # The key goes to vLLM in its environment (VLLM_API_KEY), not on its command line,
         # where any local user could read it with `ps`.
@@ -194,7 +233,7 @@ class VLLMServerManager:
         """Launch vLLM and return; readiness is awaited in the background (`wait_ready`).
         Raises VLLMStartError when vLLM cannot be launched at all."""
         check_installed(self.config)
-        reclaim_or_refuse_port(self.config)
+        reclaim_or_refuse_port(self.config, self.web_port)
         process = await self._launch()
         self._spawn(self._supervise(process), "supervise")
 
@@ -271,7 +310,14 @@ class VLLMServerManager:
         path = self.config.pid_path
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps({"pgid": pgid, "port": self.config.port}))
+            owner = os.getpid()
+            record = {
+                "pgid": pgid,
+                "port": self.config.port,
+                "owner_pid": owner,
+                "owner_start": start_time(owner),
+            }
+            path.write_text(json.dumps(record))
         except OSError as exc:
             log.warning("cannot write the pid file %s: %s", path, exc.strerror)
 
@@ -483,7 +529,12 @@ class VLLMPlugin:
         # A fresh random key for the vLLM we start: with it, vLLM's port, even reachable on
         # the network, cannot be used to go around tide-vllm's own API keys.
         ctx.upstream_api_key = config.api_key or secrets.token_urlsafe(32)
-        self.manager = VLLMServerManager(config, on_fatal=ctx.fail, api_key=ctx.upstream_api_key)
+        self.manager = VLLMServerManager(
+            config,
+            on_fatal=ctx.fail,
+            api_key=ctx.upstream_api_key,
+            web_port=ctx.config.web.bind_address.port,
+        )
         await self.manager.start()
         ctx.monitor = self.manager
 

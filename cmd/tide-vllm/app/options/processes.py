@@ -39,6 +39,21 @@ def command_line(pid: int) -> str:
     return raw.replace(b"\0", b" ").decode(errors="replace").strip() or "?"
 
 
+def start_time(pid: int) -> int | None:
+    """When the process started, in clock ticks since boot: with the pid, it names one process
+    (pids are reused, start times with them are not)."""
+    fields = _stat_fields(pid)
+    return int(fields[19]) if fields and len(fields) > 19 else None
+
+
+def is_running(pid: int, started: int | None) -> bool:
+    """True if the process `pid` that started at `started` is still alive (not a zombie)."""
+    fields = _stat_fields(pid)
+    if not fields or len(fields) <= 19 or fields[0] in "ZX":
+        return False
+    return started is None or int(fields[19]) == started
+
+
 def process_group(pid: int) -> int | None:
     fields = _stat_fields(pid)
     return int(fields[2]) if fields and len(fields) > 2 else None
