@@ -109,17 +109,20 @@ def test_a_streamed_request_reaches_vllm_unchanged_with_its_stream_options(tide,
         "stream": True,
         "stream_options": {"include_usage": True},
         "top_k": 3,
+        "max_completion_tokens": 20,
     }
     with httpx.stream("POST", tide.url + "/v1/chat/completions", json=body) as r:
         r.read()
     assert recorder.bodies == [body]
 
 
-def test_a_missing_model_becomes_the_served_model(tide, recorder):
+def test_a_missing_model_becomes_the_served_model_and_a_missing_limit_vllm_max_tokens(
+    tide, recorder
+):
     recorder.clear()
     r = httpx.post(tide.url + "/v1/chat/completions", json={"messages": HI})
     assert r.status_code == 200
-    assert recorder.bodies == [{"messages": HI, "model": MODEL}]
+    assert recorder.bodies == [{"messages": HI, "model": MODEL, "max_tokens": 256}]
 
 
 def test_every_field_vllm_returns_reaches_the_client_unchanged(tide, upstream, recorder):

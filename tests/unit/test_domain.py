@@ -75,14 +75,29 @@ def test_an_openai_request_is_carried_whole_with_the_served_model_filled_in():
         "stream": True,
     }
     chat = ChatFactory(DEFAULTS).from_openai(body, request_id="r")
-    assert chat.payload == {**body, "model": "m"}
+    assert chat.payload == {**body, "model": "m", "max_tokens": DEFAULTS.max_tokens}
     assert (chat.model, chat.stream, chat.request_id) == ("m", True, "r")
 
 
-def test_an_openai_request_keeps_its_own_model():
-    body = {"model": "other", "messages": [{"role": "user", "content": "hi"}]}
+def test_an_openai_request_keeps_its_own_model_and_limit():
+    body = {"model": "other", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 9}
     chat = ChatFactory(DEFAULTS).from_openai(body)
     assert chat.payload is body and chat.model == "other" and not chat.stream
+
+
+@pytest.mark.parametrize(
+    ("given", "sent"),
+    [
+        ({}, {"max_tokens": 2048}),
+        ({"max_tokens": None}, {"max_tokens": 2048}),
+        ({"max_tokens": 7}, {"max_tokens": 7}),
+        ({"max_completion_tokens": 7}, {"max_completion_tokens": 7}),
+    ],
+)
+def test_an_openai_request_without_a_limit_gets_the_configured_max_tokens(given, sent):
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], **given}
+    chat = ChatFactory(DEFAULTS).from_openai(body)
+    assert chat.payload == {"model": "m", "messages": body["messages"], **sent}
 
 
 @pytest.mark.parametrize(

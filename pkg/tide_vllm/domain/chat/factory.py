@@ -75,6 +75,11 @@ class ChatFactory:
         elif not isinstance(stream, bool):
             raise InvalidChatRequest("stream", "must be a boolean")
         payload = body if body.get("model") == model else {**body, "model": model}
+        if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
+            # Without a limit vLLM generates up to the context's end: the small demo model
+            # then loops until the timeout. The configured vllm.max_tokens bounds it, as it
+            # bounds the spec's requests.
+            payload = {**payload, "max_tokens": self.defaults.max_tokens}
         return OpenAIChat(
             request_id=request_id or self.new_request_id(),
             model=model,
