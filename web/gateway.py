@@ -5,6 +5,7 @@ requests in flight, metrics and the access log. One pass per request keeps its c
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import hmac
 import logging
@@ -101,7 +102,9 @@ def new_request_id() -> str:
 
 
 def valid_request_id(value: Any) -> str | None:
-    return value if isinstance(value, str) and _REQUEST_ID.match(value) else None
+    # fullmatch: `$` would also match before a trailing line break, which then ended the
+    # response's x-request-id header line.
+    return value if isinstance(value, str) and _REQUEST_ID.fullmatch(value) else None
 
 
 class Lifecycle:
@@ -111,6 +114,13 @@ class Lifecycle:
         self.in_flight = 0
         self.chats_in_flight = 0
         self.draining = False
+        self.tasks: set[asyncio.Task[Any]] = set()  # the requests in flight, to cut at the end
+
+    def cut_in_flight(self) -> None:
+        """Cancel every request still in flight (the end of a drain): a stream ends, its
+        upstream request is closed, and the server can stop."""
+        for task in list(self.tasks):
+            task.cancel()
 
 
 class ApiKeys:
@@ -144,14 +154,12 @@ class GatewayMiddleware:
         lifecycle: Lifecycle,
         metrics: Metrics,
         api_keys: ApiKeys,
-        max_concurrent_requests: int,
     ) -> None:
         self.app = app
         self.chat = chat
         self.lifecycle = lifecycle
         self.metrics = metrics
         self.api_keys = api_keys
-        self.max_chats = max_concurrent_requests
         self._keys_on = api_keys.enabled  # the keys are set at start-up
         # One process: the gauge reads the count when scraped. Several workers: each pushes
         # its own into the shared files, summed when scraped.
@@ -177,26 +185,23 @@ class GatewayMiddleware:
         status = 500
         lifecycle = self.lifecycle
         try:
-            if (
-                lifecycle.draining
-                or self._keys_on
-                or (is_chat and lifecycle.chats_in_flight >= self.max_chats)
-            ):  # otherwise nothing refuses the request: no call to look
-                refusal = self._refusal(scope, path, headers, is_chat)
+            if lifecycle.draining or self._keys_on:  # else nothing refuses it: no call to look
+                refusal = self._refusal(scope, path, headers)
                 if refusal is not None:
                     status = refusal[0]
                     await _send_error(send, path, request_id, *refusal)
                     return
             lifecycle.in_flight += 1
+            task = asyncio.current_task()
+            if task is not None:
+                lifecycle.tasks.add(task)
             if self._push_in_flight:
                 self.metrics.in_flight.inc()
             try:
-                if is_chat:  # the chat endpoint adds the id and notes the status itself
-                    lifecycle.chats_in_flight += 1
+                if is_chat:  # the chat endpoint adds the id, takes its slot, notes the status
                     try:
                         await self.chat(scope, receive, send)
                     finally:
-                        lifecycle.chats_in_flight -= 1
                         status = state.get("status", 500)
                 else:
 
@@ -213,6 +218,7 @@ class GatewayMiddleware:
                     await self.app(scope, receive, send_with_id)
             finally:
                 lifecycle.in_flight -= 1
+                lifecycle.tasks.discard(task)  # type: ignore[arg-type]
                 if self._push_in_flight:
                     self.metrics.in_flight.dec()
         finally:
@@ -220,7 +226,7 @@ class GatewayMiddleware:
             REQUEST_ID.reset(token)
 
     def _refusal(
-        self, scope: Scope, path: str, headers: dict[bytes, bytes], is_chat: bool
+        self, scope: Scope, path: str, headers: dict[bytes, bytes]
     ) -> tuple[int, str, str | None, list[tuple[bytes, bytes]]] | None:
         """(status, message, param, extra headers) when the request is refused at the door."""
         if self.lifecycle.draining:
@@ -237,12 +243,6 @@ class GatewayMiddleware:
                 None,
                 [(b"www-authenticate", b"Bearer")],
             )
-        if is_chat and self.lifecycle.chats_in_flight >= self.max_chats:
-            message = (
-                f"too many requests in flight (web.max_concurrent_requests={self.max_chats}); "
-                "retry shortly"
-            )
-            return 429, message, None, [(b"retry-after", b"1")]
         return None
 
     def _account(self, scope: Scope, state: dict[str, Any], status: int, took: float) -> None:

@@ -196,10 +196,14 @@ def test_a_streams_head_arrives_once_vllm_accepts_before_the_first_token(tide, r
     assert all(json.loads(event).get("error") is None for event in events[:-1])
 
 
-def test_a_body_with_prompt_and_messages_is_a_400_naming_both(tide):
-    r = httpx.post(tide.url + "/v1/chat/completions", json={"prompt": "hi", "messages": HI})
-    assert r.status_code == 400
-    assert "prompt" in r.json()["error"]["message"] and "messages" in r.json()["error"]["message"]
+@pytest.mark.parametrize("path", ["/chat/completions", "/v1/chat/completions"])
+def test_a_body_with_messages_is_openais_even_with_a_prompt_field(tide, recorder, path):
+    """vLLM ignores a field it does not know: so does tide-vllm, on every chat path."""
+    recorder.clear()
+    body = {"model": MODEL, "prompt": "hi", "messages": HI, "max_tokens": 5}
+    r = httpx.post(tide.url + path, json=body)
+    assert r.status_code == 200 and r.json()["object"] == "chat.completion"
+    assert recorder.bodies == [body]
 
 
 def test_the_tide_shape_still_works_on_v1(tide):

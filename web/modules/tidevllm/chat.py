@@ -27,7 +27,7 @@ from starlette.types import Receive, Scope, Send
 
 from tide_vllm.application.application import Application
 from tide_vllm.domain.chat.entity import ChatDelta, ChatError, ChatResult, InvalidChatRequest
-from web.gateway import REQUEST_ID, valid_request_id
+from web.gateway import REQUEST_ID, Lifecycle, valid_request_id
 from web.metrics import Metrics
 
 from .errors import (
@@ -71,9 +71,21 @@ class ChatEndpoint:
     lifespan; the request's `scope["state"]` (from the gateway) carries its id and collects
     what the access log and the metrics report: shape, model, usage, time of the first token."""
 
-    def __init__(self, metrics: Metrics, max_body_bytes: int, log_prompts: bool) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        lifecycle: Lifecycle,
+        *,
+        max_body_bytes: int,
+        max_concurrent_requests: int,
+        body_timeout: float,
+        log_prompts: bool,
+    ) -> None:
         self.metrics = metrics
+        self.lifecycle = lifecycle
         self.max_body_bytes = max_body_bytes
+        self.max_chats = max_concurrent_requests
+        self.body_timeout = body_timeout
         self.log_prompts = log_prompts
         self.application: Application | None = None
         self.default_model = ""
@@ -92,17 +104,35 @@ class ChatEndpoint:
             app = self.application
             if app is None:
                 raise RuntimeError("the chat endpoint was called before the app started")
-            body = await exchange.read_json_object(self.max_body_bytes)
-            has_prompt, has_messages = "prompt" in body, "messages" in body
-            if has_prompt and has_messages:
-                raise InvalidChatRequest(
-                    "prompt",
-                    "send either `prompt` (the spec's request) or `messages` (OpenAI's), not both",
+            try:
+                async with asyncio.timeout(self.body_timeout):
+                    body = await exchange.read_json_object(self.max_body_bytes)
+            except TimeoutError:
+                raise RequestRejected(
+                    408, "body", f"not complete within web.body_timeout={self.body_timeout:g}s"
+                ) from None
+            # A body with `messages` is OpenAI's request on every chat path, whatever else it
+            # holds; only one with no `messages` is the spec's.
+            has_messages = "messages" in body
+            state["shape"] = OPENAI_SHAPE if has_messages else TIDE_SHAPE
+            # A slot is taken only once the body is in: clients trickling their bodies hold
+            # connections, not chat slots.
+            lifecycle = self.lifecycle
+            if lifecycle.chats_in_flight >= self.max_chats:
+                message = (
+                    f"too many requests in flight (web.max_concurrent_requests="
+                    f"{self.max_chats}); retry shortly"
                 )
-            if has_messages:
-                await self._openai_chat(exchange, app, body)
-            else:
-                await self._tide_chat(exchange, app, body)
+                await self._error(exchange, 429, message, None, None, [(b"retry-after", b"1")])
+                return
+            lifecycle.chats_in_flight += 1
+            try:
+                if has_messages:
+                    await self._openai_chat(exchange, app, body)
+                else:
+                    await self._tide_chat(exchange, app, body)
+            finally:
+                lifecycle.chats_in_flight -= 1
         except ClientDisconnected:
             if not exchange.started:
                 await exchange.respond(CLIENT_CLOSED_REQUEST, b"")
@@ -114,6 +144,8 @@ class ChatEndpoint:
             await self._error(exchange, status, exc.message, *param_and_kind(exc))
         except RequestRejected as exc:
             extra = [(b"allow", b"POST")] if exc.status == 405 else []
+            if exc.status == 408:
+                extra.append((b"connection", b"close"))
             message = f"{exc.param}: {exc.message}"
             await self._error(exchange, exc.status, message, exc.param, None, extra)
         except Exception:

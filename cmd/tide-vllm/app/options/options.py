@@ -54,6 +54,15 @@ class WebConfig(_Section):
     cors_origins: list[str] = Field(
         default_factory=list, description='Origins allowed by CORS; [] = off, ["*"] = any.'
     )
+    header_timeout: float = Field(
+        30,
+        gt=0,
+        description="A client that has not sent a request's whole head by then is "
+        "disconnected (heads over 64 KiB are refused with 431).",
+    )
+    body_timeout: float = Field(
+        30, gt=0, description="A request body not complete by then is answered 408."
+    )
 
 
 class VLLMConfig(_Section):

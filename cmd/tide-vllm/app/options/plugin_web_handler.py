@@ -1,4 +1,4 @@
-"""The web server: builds the FastAPI app around the provider and serves it with uvicorn."""
+"""The web server: builds the FastAPI app around the provider and serves it with granian."""
 
 from __future__ import annotations
 
@@ -6,12 +6,15 @@ import asyncio
 import contextlib
 import gc
 import logging
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import httpx
-import uvicorn
 from fastapi import FastAPI
+from granian.constants import HTTPModes, Interfaces
+from granian.http import HTTP1Settings, HTTP2Settings
+from granian.log import LogLevels
+from granian.server.embed import Server
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp
 
@@ -24,8 +27,8 @@ from web.modules.tidevllm.chat import ChatEndpoint, openapi_paths
 from web.modules.tidevllm.controller import router
 from web.modules.tidevllm.errors import install_error_handlers
 
-from .http_protocol import GatewayHttpProtocol
-from .options import Config
+from .options import Config, WebConfig
+from .processes import command_line, listening_pids
 from .workers import WorkerPool
 
 log = logging.getLogger("tide_vllm.web")
@@ -58,6 +61,7 @@ def build_app(
     api_keys: Sequence[str] = (),
     cors_origins: Sequence[str] = (),
     log_prompts: bool = False,
+    body_timeout: float = 30.0,
 ) -> FastAPI:
     """The ASGI app; its lifespan opens the provider (and its shared HTTP client).
 
@@ -65,7 +69,16 @@ def build_app(
     check), the gateway middleware (drain, keys, ids, limits, metrics, access log), then the
     chat endpoint for the two chat paths, or FastAPI (errors, routing) for the rest."""
     metrics = Metrics()
-    chat = ChatEndpoint(metrics, max_body_bytes=max_body_bytes, log_prompts=log_prompts)
+    lifecycle = Lifecycle()
+    started = asyncio.Event()  # set once the lifespan has opened the provider
+    chat = ChatEndpoint(
+        metrics,
+        lifecycle,
+        max_body_bytes=max_body_bytes,
+        max_concurrent_requests=max_concurrent_requests,
+        body_timeout=body_timeout,
+        log_prompts=log_prompts,
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -78,6 +91,7 @@ def build_app(
                 up=lambda: engine.current().healthy,
                 restarts=lambda: getattr(engine, "total_restarts", 0),
             )
+            started.set()
             yield
             chat.application = None
 
@@ -88,17 +102,17 @@ def build_app(
         lifespan=lifespan,
     )
     app.state.metrics = metrics
-    app.state.lifecycle = Lifecycle()
+    app.state.lifecycle = lifecycle
+    app.state.started = started
     app.include_router(router)
     install_error_handlers(app)
     _document_chat(app)
     edge: ASGIApp = GatewayMiddleware(
         app.build_middleware_stack(),
         chat,
-        lifecycle=app.state.lifecycle,
+        lifecycle=lifecycle,
         metrics=metrics,
         api_keys=ApiKeys(api_keys),
-        max_concurrent_requests=max_concurrent_requests,
     )
     if cors_origins:
         edge = CORSMiddleware(
@@ -138,6 +152,7 @@ def build_app_for(
         api_keys=config.auth.api_keys,
         cors_origins=web.cors_origins,
         log_prompts=config.log.log_prompts,
+        body_timeout=web.body_timeout,
     )
 
 
@@ -146,6 +161,7 @@ def build_app_for(
 # allocations, they were walked again and again while alive, and promoted to be walked again:
 # 8 % of the instructions per request at 32 connections, 6 % at 256 (callgrind).
 GC_THRESHOLDS = (10_000, 50, 100)
+MAX_HEAD_BYTES = 64 * 1024  # a request head above it is refused (431)
 
 
 def freeze_startup_objects() -> None:
@@ -158,33 +174,87 @@ def freeze_startup_objects() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
-def server_config(app: ASGIApp, **settings: Any) -> uvicorn.Config:
-    """uvicorn's settings, for one process or each worker."""
-    return uvicorn.Config(
+def granian_server(app: ASGIApp, web: WebConfig) -> Server:
+    """granian, embedded in this process's event loop, with its own limits on what a client
+    may send before the app sees a request: a head over MAX_HEAD_BYTES is answered 431, and a
+    head not complete within `web.header_timeout` closes the connection. Both are granian's
+    settings; the body's limits (size, `web.body_timeout`) are the app's.
+
+    granian and not uvicorn: uvicorn (0.54, httptools or h11) has no timeout for a request
+    head in progress, so a client trickling its headers holds a connection for ever."""
+    bind = web.bind_address
+    return Server(
         app,
-        log_config=None,
-        lifespan="on",
-        http=GatewayHttpProtocol,  # uvicorn's connections, a leaner request cycle
-        proxy_headers=False,  # no client address is used: X-Forwarded-For is not read
-        access_log=False,  # the gateway writes its own access line
-        **settings,
+        address=bind.host,
+        port=bind.port,
+        interface=Interfaces.ASGI,
+        http=HTTPModes.auto,
+        websockets=False,
+        backlog=2048,
+        http1_settings=HTTP1Settings(
+            header_read_timeout=int(web.header_timeout * 1000), max_buffer_size=MAX_HEAD_BYTES
+        ),
+        http2_settings=HTTP2Settings(max_headers_size=MAX_HEAD_BYTES),
+        # granian's own lines go through tide-vllm's logging (no handler of its own); its
+        # start and stop are told by tide-vllm, so only its errors are kept.
+        log_level=LogLevels.error,
+        log_dictconfig={"loggers": {"_granian": {"propagate": True}}},
     )
 
 
-class _Server(uvicorn.Server):
-    """uvicorn without its own signal handling: the bootstrap owns SIGTERM/SIGINT, so a clean
-    stop exits 0 (uvicorn would re-raise the signal after its shutdown)."""
+async def serve_until_stopped(
+    server: Server, lifecycle: Lifecycle, started: asyncio.Event
+) -> asyncio.Task[None]:
+    """Start `server` in a task; return it once the app's lifespan has started. Raises
+    RuntimeError when the server could not start (its port is taken, say)."""
+    task = asyncio.get_running_loop().create_task(server.serve())
+    waiter = asyncio.ensure_future(started.wait())
+    await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    if not started.is_set():
+        waiter.cancel()
+        exc = task.exception() if task.done() else None
+        raise RuntimeError(f"the web server could not start: {exc or 'it stopped'}")
+    return task
 
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
+
+async def drain_and_stop(
+    server: Server,
+    task: asyncio.Task[None],
+    lifecycle: Lifecycle,
+    grace: float,
+    forced: Callable[[], bool] = lambda: False,
+) -> None:
+    """New requests get 503 at once; requests in flight (streams included) get up to `grace`
+    to finish, or until `forced()` says to stop now; what is left is cut; the server stops."""
+    lifecycle.draining = True
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + grace
+    if lifecycle.in_flight:
+        log.info("draining %d request(s) in flight", lifecycle.in_flight)
+    while lifecycle.in_flight and loop.time() < deadline and not forced():  # noqa: ASYNC110
+        await asyncio.sleep(0.05)
+    if lifecycle.in_flight:
+        log.warning("stopping with %d request(s) still in flight", lifecycle.in_flight)
+        lifecycle.cut_in_flight()
+    server.stop()
+    await task
+
+
+def port_taken(port: int) -> str | None:
+    """Who listens on `port` already, or None. granian binds with SO_REUSEPORT (so that
+    several workers can share a port), so a second server on a taken port would not fail: it
+    would silently share the port with whatever holds it."""
+    owners = listening_pids(port)
+    if not owners:
+        return None
+    return ", ".join(f"pid {pid} ({command_line(pid)[:120]})" for pid in owners)
 
 
 class WebHandlerPlugin:
     name = "web"
 
     def __init__(self) -> None:
-        self.server: _Server | None = None
+        self.server: Server | None = None
         self.task: asyncio.Task[None] | None = None
         self.lifecycle = Lifecycle()
         self.pool: WorkerPool | None = None
@@ -198,36 +268,23 @@ class WebHandlerPlugin:
                 "to anyone who can reach port %d",
                 web.bind_address.port,
             )
+        taken = port_taken(web.bind_address.port)
+        if taken:
+            raise RuntimeError(
+                f"web.bind_address.port {web.bind_address.port} is already in use by {taken}"
+            )
         if web.workers > 1:
             self.pool = WorkerPool(config, ctx.upstream_api_key, ctx.monitor)
             self.pool.start()
             return
         app = build_app_for(config, ctx.monitor, ctx.upstream_api_key)
         self.lifecycle = app.state.lifecycle
-        bind = config.web.bind_address
-        self.server = _Server(
-            server_config(
-                app,
-                host=bind.host,
-                port=bind.port,
-                timeout_graceful_shutdown=2,  # requests were drained before (stop)
-            )
-        )
-        self.task = asyncio.get_running_loop().create_task(self._serve(ctx))
-        while not self.server.started and not self.task.done():  # noqa: ASYNC110 (uvicorn
-            await asyncio.sleep(0.02)  # offers a flag, not an event)
-        if self.task.done():
-            raise RuntimeError(f"the web server could not start on {bind.host}:{bind.port}")
+        self.server = granian_server(app, web)
+        self.task = await serve_until_stopped(self.server, self.lifecycle, app.state.started)
+        self.task.add_done_callback(lambda _: ctx.request_shutdown())
         freeze_startup_objects()
+        bind = web.bind_address
         log.info("tide-vllm listening on http://%s:%d", bind.host, bind.port)
-
-    async def _serve(self, ctx: Any) -> None:
-        assert self.server is not None
-        try:
-            await self.server.serve()
-        except SystemExit:  # uvicorn exits this way when it cannot bind
-            pass
-        ctx.request_shutdown()
 
     async def stop(self, ctx: Any) -> None:
         """Drain: new requests get 503 at once, requests in flight (streams included) get up
@@ -238,15 +295,5 @@ class WebHandlerPlugin:
             return
         if self.server is None or self.task is None:
             return
-        self.lifecycle.draining = True
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + grace
-        if self.lifecycle.in_flight:
-            log.info("draining %d request(s) in flight", self.lifecycle.in_flight)
-        while self.lifecycle.in_flight and loop.time() < deadline and not ctx.force:  # noqa: ASYNC110
-            await asyncio.sleep(0.05)
-        if self.lifecycle.in_flight:
-            log.warning("stopping with %d request(s) still in flight", self.lifecycle.in_flight)
-        self.server.should_exit = True
-        self.server.force_exit = bool(ctx.force)
-        await self.task
+        forced = lambda: bool(ctx.force)  # noqa: E731 (a second SIGINT sets it meanwhile)
+        await drain_and_stop(self.server, self.task, self.lifecycle, grace, forced)

@@ -2,7 +2,7 @@
 
 With `web.workers: N > 1` the main process keeps the supervisor (one vLLM, started and watched
 once) and runs N web workers as child processes (spawned, so nothing of the main process's
-event loop is inherited) that share one listening socket. Each worker learns vLLM's state from
+event loop is inherited) that share one port. Each worker learns vLLM's state from
 shared memory the supervisor writes on every change, so a worker answers 503 at once while vLLM
 starts or restarts, like a single process does. A worker dies with the main process
 (PR_SET_PDEATHSIG), so no worker outlives it.
@@ -21,12 +21,10 @@ import multiprocessing.context
 import os
 import shutil
 import signal
-import socket
 import tempfile
 from typing import Any
 
 import orjson
-import uvicorn
 
 from tide_vllm.domain.chat.entity import EngineState, EngineStatus
 
@@ -83,16 +81,6 @@ class SharedMonitor:
         return self.current()
 
 
-def bind_socket(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(2048)
-    sock.set_inheritable(True)
-    return sock
-
-
 def _die_with_parent() -> None:
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(None, use_errno=True)
@@ -101,25 +89,50 @@ def _die_with_parent() -> None:
 
 def worker_main(
     config: Config,
-    sock: socket.socket,
     upstream_api_key: str | None,
     engine: SharedEngineState | Any,
 ) -> None:
-    """A web worker's process: the same app as a single process, on the shared socket.
+    """A web worker's process: the same app and server as a single process, on the same port
+    (granian binds it with SO_REUSEPORT, and the kernel spreads connections over the workers).
     `engine` is the supervisor's shared state, a fixed monitor (vLLM disabled), or None
-    (manual mode: the worker asks vLLM itself)."""
+    (manual mode: the worker asks vLLM itself). SIGTERM drains it like a single process."""
     _die_with_parent()
     from .plugin_logs import configure_logging
-    from .plugin_web_handler import build_app_for, freeze_startup_objects, server_config
 
     configure_logging(config.log.level, config.log.format)
     monitor = SharedMonitor(engine) if isinstance(engine, SharedEngineState) else engine
-    app = build_app_for(config, monitor, upstream_api_key)
-    server = uvicorn.Server(
-        server_config(app, timeout_graceful_shutdown=int(config.web.shutdown_grace) or None)
+    factory: Any = None
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(_serve_worker(config, upstream_api_key, monitor))
+
+
+async def _serve_worker(config: Config, upstream_api_key: str | None, monitor: Any) -> None:
+    from .plugin_web_handler import (
+        build_app_for,
+        drain_and_stop,
+        freeze_startup_objects,
+        granian_server,
+        serve_until_stopped,
     )
+
+    app = build_app_for(config, monitor, upstream_api_key)
+    server = granian_server(app, config.web)
+    lifecycle = app.state.lifecycle
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stopping.set)
+    loop.add_signal_handler(signal.SIGINT, lambda: None)  # the main process decides
+    task = await serve_until_stopped(server, lifecycle, app.state.started)
     freeze_startup_objects()
-    server.run(sockets=[sock])
+    waiter = asyncio.ensure_future(stopping.wait())
+    await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    waiter.cancel()
+    if not task.done():
+        await drain_and_stop(server, task, lifecycle, config.web.shutdown_grace)
 
 
 class WorkerPool:
@@ -143,7 +156,6 @@ class WorkerPool:
 
     def start(self) -> None:
         bind = self.config.web.bind_address
-        self.sock = bind_socket(bind.host, bind.port)
         for _ in range(self.config.web.workers):
             self.processes.append(self._spawn())
         self._watch = asyncio.get_running_loop().create_task(self._keep_alive())
@@ -152,7 +164,7 @@ class WorkerPool:
     def _spawn(self) -> multiprocessing.process.BaseProcess:
         process = self.mp.Process(  # type: ignore[attr-defined]
             target=worker_main,
-            args=(self.config, self.sock, self.upstream_api_key, self.engine),
+            args=(self.config, self.upstream_api_key, self.engine),
             name="tide-vllm-web",
         )
         process.start()
@@ -183,6 +195,5 @@ class WorkerPool:
                 log.warning("web worker %s did not stop; killing it", process.pid)
                 process.kill()
             process.join(1)
-        self.sock.close()
         shutil.rmtree(self.metrics_dir, ignore_errors=True)
         os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
