@@ -24,15 +24,18 @@ and through tide-vllm, side by side:
   place, OpenAI shape, non-streaming, with the loads and placement above (1 connection on one
   core; 32 and 256 connections with the server alone on its core): phase `reference`, the
   20-line FastAPI pass-through of FIELD-NOTES (bench/reference_passthrough.py), and phase
-  `litellm`, a LiteLLM proxy with one worker (bench/litellm_proxy.py), also streaming, one
-  stream at a time: time to first token and the whole 64-chunk stream; and phase `floor`, those
-  streams only, through a relay that copies bytes and parses nothing (bench/minimal_relay.py):
-  what one more process in the path costs here, whatever it does, and through a relay that
-  parses HTTP and the request's JSON with no framework (bench/minimal_http_relay.py): what
-  HTTP itself costs in Python here. LiteLLM is not one of
-  tide-vllm's dependencies: the phase installs a pinned release into a venv of its own,
-  bench/.venv-litellm, on first use (about a minute), and is skipped, with one line, when that
-  fails (no network). Their rows are named after them ("…, LiteLLM proxy").
+  `litellm`, a LiteLLM proxy with one worker (bench/litellm_proxy.py), and phase `vllm_router`,
+  the vLLM project's Rust router (PyPI `vllm-router`, bench/vllm_router.py) with the stub as its
+  one worker URL and policy round_robin (with one upstream the policy does not matter), both
+  also streaming, one stream at a time: time to first token and the whole 64-chunk stream; and
+  phase `floor`, those streams only, through a relay that copies bytes and parses nothing
+  (bench/minimal_relay.py): what one more process in the path costs here, whatever it does, and
+  through a relay that parses HTTP and the request's JSON with no framework
+  (bench/minimal_http_relay.py): what HTTP itself costs in Python here. Neither LiteLLM nor
+  vllm-router is one of tide-vllm's dependencies: each phase installs a pinned release into a
+  venv of its own, bench/.venv-litellm (about a minute) and bench/.venv-router (about 15 s), on
+  first use, and is skipped, with one line, when that fails (no network). Their rows are named
+  after them ("…, LiteLLM proxy", "…, vllm-router").
 
 Each phase gets a fresh tide-vllm (no phase inherits another's connection pool or backlog);
 each run is warmed up first, and starts only once the servers have finished the requests the
@@ -95,6 +98,10 @@ from bench_wrk import WrkResult, run_wrk, write_script, wrk_path
 from litellm_proxy import LITELLM_VERSION, start_litellm, stop_group
 from litellm_proxy import ensure_installed as ensure_litellm
 from litellm_proxy import install_error as litellm_install_error
+from vllm_router import POLICY as ROUTER_POLICY
+from vllm_router import ROUTER_VERSION, start_router
+from vllm_router import ensure_installed as ensure_router
+from vllm_router import install_error as router_install_error
 
 OPENAI_PATH = "/v1/chat/completions"
 TIDE_PATH = "/chat/completions"
@@ -376,6 +383,36 @@ def measure_litellm(bench: Bench) -> None:
     finally:
         raw["exit_code"] = stop_group(proxy)
         bench.raw["litellm"] = raw
+
+
+def measure_vllm_router(bench: Bench) -> None:
+    """vllm-router, the vLLM project's Rust router (in its own venv: bench/vllm_router.py), in
+    front of the same stub, its one worker, with policy round_robin (one upstream: every policy
+    picks it, so the policy does not matter); the reference's loads, OpenAI shape, then its
+    streams one at a time. Skipped, with one line, when it cannot be installed or does not start."""
+    label = "vllm-router"
+    router = ensure_router()
+    if router is None:
+        reason = f"vllm-router=={ROUTER_VERSION} could not be installed"
+        print(f"{label}: skipped ({reason}, see above)")
+        bench.raw["vllm_router"] = {"version": ROUTER_VERSION, "skipped": reason,
+                                    "error": "; ".join(router_install_error)}  # fmt: skip
+        return
+    try:
+        server = start_router(router, bench.stub.port, bench.workdir, openai_body(8))
+    except StartError as exc:
+        print(f"{label} {ROUTER_VERSION} did not start; skipped: {exc}")
+        bench.anomalies.append(f"{label} did not start")
+        bench.raw["vllm_router"] = {"version": ROUTER_VERSION, "skipped": str(exc)[-2000:]}
+        return
+    raw: dict[str, Any] = {"version": ROUTER_VERSION, "policy": ROUTER_POLICY, "workers": 1}
+    try:
+        announce(bench, f"{label} {ROUTER_VERSION}, 1 worker URL, policy {ROUTER_POLICY}")
+        raw.update(other_server_loads(bench, server, label, "vllm_router"))
+        raw["streaming"] = other_server_streams(bench, server, label, "vllm_router")
+    finally:
+        raw["exit_code"] = stop_group(server)
+        bench.raw["vllm_router"] = raw
 
 
 def announce(bench: Bench, name: str) -> None:
@@ -694,6 +731,7 @@ PHASES: dict[str, Callable[[Bench], None]] = {
     "reference": measure_reference,
     "floor": measure_floor,
     "litellm": measure_litellm,
+    "vllm_router": measure_vllm_router,
 }
 
 
@@ -827,6 +865,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     if "litellm" in args.only:
         ensure_litellm()  # on first use, before anything is measured (about a minute)
+    if "vllm_router" in args.only:
+        ensure_router()  # on first use, before anything is measured (about 15 s)
     wait_quiet(args.wait_quiet)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="tide-bench-") as tmp:

@@ -11,6 +11,7 @@ its own cost, about 0.1 ms a request on one core, is small beside the gateway's.
   (CLOCK_MONOTONIC is shared by all processes). Between content chunks the stub waits the
   current chunk delay (none before the first, so time to first token has no delay in it).
 - `GET /v1/models` — lists `bench-model` (or `--model`).
+- `GET /health` — 200 with an empty body, as vLLM's (vllm-router waits for it before it starts).
 - `POST /_bench/config` — `{"chunk_delay": seconds}` sets the chunk delay of later streams
   (the gateway does not pass arbitrary fields through in every shape, so the benchmark sets it
   here between its phases).
@@ -178,6 +179,8 @@ class StubProtocol(asyncio.Protocol):
         elif path == b"/v1/models" and method == b"GET":
             models = {"object": "list", "data": [{"id": self.settings.model, "object": "model"}]}
             self.send(json_response(200, models), keep_alive)
+        elif path == b"/health" and method == b"GET":
+            self.send(head(200, b"application/json", 0), keep_alive)
         elif path == b"/_bench/config" and method == b"POST":
             self.configure(b"".join(self.body), keep_alive)
         else:

@@ -1,0 +1,123 @@
+"""vllm-router in front of the benchmark's stub, for the `vllm_router` phase of bench/run.py.
+
+vllm-router is the vLLM project's own router, written in Rust (PyPI `vllm-router`: a wheel with
+the compiled router and a `vllm-router` command). It is not one of tide-vllm's dependencies and
+must not become one (it pulls FastAPI, uvicorn, aiohttp … of its own choosing), so, as LiteLLM
+(bench/litellm_proxy.py), it lives in a venv of its own, bench/.venv-router (not in git), made on
+first use from the Python the benchmark runs on, with one pinned release. Without a network that
+install fails, and the phase is skipped (`ensure_installed` returns None).
+
+The router is started with one worker URL, the stub, and `--policy round_robin`: with a single
+upstream every policy picks the same one, so the policy does not matter here (round_robin is the
+one that keeps no per-request state, such as cache_aware's prefix tree). It waits for the stub's
+`/health` before it listens (checked once a second here, not every 30 s), logs at warning, and
+retries nothing (a retried request would hide an error from the figures).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench_proc import BENCH_DIR, Server, free_port, log_tail
+from litellm_proxy import stop_group, wait_answering
+
+ROUTER_VERSION = "0.1.17"
+REQUIREMENT = f"vllm-router=={ROUTER_VERSION}"
+POLICY = "round_robin"
+VENV = BENCH_DIR / ".venv-router"
+STAMP = VENV / f".installed-{ROUTER_VERSION}"
+INSTALL_LOG = VENV / "install.log"
+INSTALL_TIMEOUT = 600  # s
+
+_installed: list[Path | None] = []  # memo: one attempt per run
+install_error: list[str] = []  # why it failed, if it did
+
+__all__ = [
+    "POLICY",
+    "ROUTER_VERSION",
+    "ensure_installed",
+    "install_error",
+    "start_router",
+    "stop_group",
+]
+
+
+def router_bin() -> Path:
+    return VENV / "bin" / "vllm-router"
+
+
+def ensure_installed() -> Path | None:
+    """bench/.venv-router with vllm-router==ROUTER_VERSION, made if missing; the path of its
+    `vllm-router` command, or None (with one line printed) if it cannot be installed."""
+    if _installed:
+        return _installed[0]
+    result: Path | None = router_bin()
+    if not STAMP.exists():
+        result = _install()
+    _installed.append(result)
+    return result
+
+
+def _install() -> Path | None:
+    shutil.rmtree(VENV, ignore_errors=True)  # a half-made venv, or another version's
+    print(f"vllm-router: installing {REQUIREMENT} into {os.path.relpath(VENV, BENCH_DIR.parent)} …",
+          flush=True)  # fmt: skip
+    started = time.monotonic()
+    try:
+        # sys.executable is the project's venv; `-m venv` from it builds on the same base Python.
+        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True,
+                       capture_output=True, timeout=120)  # fmt: skip
+        with INSTALL_LOG.open("wb") as log:
+            done = subprocess.run(
+                [str(VENV / "bin" / "python"), "-m", "pip", "install", "--no-input",
+                 "--disable-pip-version-check", REQUIREMENT],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                timeout=INSTALL_TIMEOUT,
+            )  # fmt: skip
+    except (OSError, subprocess.SubprocessError) as exc:
+        install_error.append(str(exc))
+        print(f"vllm-router: could not install {REQUIREMENT} ({exc}); "
+              "the vllm_router phase is skipped")  # fmt: skip
+        return None
+    seconds = time.monotonic() - started
+    if done.returncode != 0 or not router_bin().exists():
+        last = log_tail(INSTALL_LOG, 1).strip()
+        install_error.append(last)
+        print(f"vllm-router: could not install {REQUIREMENT} after {seconds:.0f} s ({last[:200]}; "
+              f"see {INSTALL_LOG}); the vllm_router phase is skipped")  # fmt: skip
+        return None
+    STAMP.touch()
+    print(f"vllm-router: installed {REQUIREMENT} in {seconds:.0f} s", flush=True)
+    return router_bin()
+
+
+# -- the router -------------------------------------------------------------------------------
+def start_router(router: Path, upstream_port: int, workdir: Path, body: bytes) -> Server:
+    """The router on a free port, the stub its one worker; returns once a chat request
+    (`body`) went through it to the stub and back."""
+    port = free_port()
+    log = workdir / "vllm-router.log"
+    proc = subprocess.Popen(
+        [str(router), "--host", "127.0.0.1", "--port", str(port),
+         "--worker-urls", f"http://127.0.0.1:{upstream_port}", "--policy", POLICY,
+         "--disable-retries", "--log-level", "warning",
+         "--worker-startup-check-interval", "1"],
+        cwd=workdir,
+        stdin=subprocess.DEVNULL,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )  # fmt: skip
+    server = Server("vllm-router", proc, port, log, {"policy": POLICY})
+    try:
+        wait_answering(server, body, timeout=60)
+    except BaseException:
+        stop_group(server)
+        raise
+    return server
