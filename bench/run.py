@@ -41,9 +41,14 @@ Each phase gets a fresh tide-vllm (no phase inherits another's connection pool o
 each run is warmed up first, and starts only once the servers have finished the requests the
 previous run's clients abandoned. Before each phase the machine's CPU use without us is taken:
 other work (a test suite, a vLLM) makes the figures noisy, and the output says so. The results
-are printed as a table and written, with the machine's description, to
-bench/results/latest.json (each phase's raw figures under `raw`, e.g. raw["litellm"]); the
-servers' logs go to bench/results/logs/. `--workers N` adds the throughput rows for
+are printed as a table, then the budgets of issue 15, each met / NOT met with its figure (added
+p50 at 1 connection ≤ 1 ms; ≥ 3,000 req/s at 32 connections, one worker, p99 ≤ 25 ms; time to
+first token added ≤ 1 ms; 1,000 concurrent streams, 0 errors; a budget whose phase did not run
+is "not checked"; the fifth, on the real engine within 3 % of direct, is bench/real_vllm.py's),
+and written, with the machine's description, to bench/results/latest.json (each phase's raw
+figures under `raw`, e.g. raw["litellm"], the budgets under `budgets`;
+`python bench/bench_report.py [FILE]` prints a results file's budgets again); the servers' logs
+go to bench/results/logs/. `--workers N` adds the throughput rows for
 `web.workers: N`; `--real` compares a real vLLM with tide-vllm in front of it instead
 (bench/real_vllm.py).
 """
@@ -84,7 +89,7 @@ from bench_proc import (
     stop,
     wait_idle,
 )
-from bench_report import Row, machine_info, table, write_json
+from bench_report import Row, budget_lines, budgets_json, machine_info, table, write_json
 from bench_sse import (
     ConcurrentResult,
     SequentialResult,
@@ -815,6 +820,8 @@ def keep_logs(workdir: Path, target: Path) -> None:
 def report(bench: Bench, args: argparse.Namespace, elapsed: float) -> None:
     print()
     print(table(bench.rows))
+    print()
+    print(budget_lines(bench.raw))
     busy = max(bench.background.values(), default=0.0)
     codes = sorted(set(bench.exit_codes), key=str)
     print(f"\n{elapsed:.0f} s in all; tide-vllm exit codes after SIGTERM: {codes}")
@@ -828,6 +835,7 @@ def report(bench: Bench, args: argparse.Namespace, elapsed: float) -> None:
         },
         "rows": [row.as_json() for row in bench.rows],
         "raw": bench.raw,
+        "budgets": budgets_json(bench.raw),
         "background_cpu_pct": bench.background,
         "gateway_errors": bench.gateway_errors,
         "gateway_exit_codes": bench.exit_codes,
