@@ -6,8 +6,17 @@ Also installed as the `tide-vllm` console script.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
+import signal
 import sys
+
+if multiprocessing.current_process().name != "MainProcess":
+    # A web worker, spawned by multiprocessing, imports this module again before it runs.
+    # Ctrl-C in a terminal reaches the whole process group: the main process alone handles it
+    # and stops the workers with SIGTERM, so a worker still starting must not die of it with a
+    # KeyboardInterrupt traceback. (uvicorn, once a worker serves, installs its own handler.)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 if __package__ in (None, ""):
     # Run as a script: this folder holds the `app` package; the repository root holds the rest.
@@ -17,6 +26,8 @@ if __package__ in (None, ""):
     from app.server import run  # type: ignore[import-not-found,no-redef]
 else:
     from .app.server import run
+
+EXIT_INTERRUPTED = 130
 
 DESCRIPTION = """\
 Serve chat from a vLLM model on one stable endpoint (GET /health, POST /chat/completions,
@@ -44,7 +55,11 @@ def main(argv: list[str] | None = None) -> int:
         help="YAML configuration file (default: %(default)s)",
     )
     args = parser.parse_args(argv)
-    return run(args.config)
+    try:
+        return run(args.config)
+    except KeyboardInterrupt:
+        # Ctrl-C before the service handles signals, or after: nothing to stop, no traceback.
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":
