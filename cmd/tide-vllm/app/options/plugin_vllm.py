@@ -31,7 +31,7 @@ from tide_vllm.domain.chat.entity import EngineState, EngineStatus
 from tide_vllm.infrastructure.vllm.vllm_client import VLLMClient
 from tide_vllm.infrastructure.vllm.vllm_repository import probe_models
 
-from .options import VLLMConfig, default_vllm_command
+from .options import VLLMConfig, check_model_path, default_vllm_command
 from .processes import (
     command_line,
     group_members,
@@ -758,6 +758,7 @@ class VLLMPlugin:
         if not config.auto_start:
             log.info("manual mode: using the vLLM server at %s", config.base_url)
             return
+        check_model_path(config, ctx.config_path)
         # A fresh random key for the vLLM we start: with it, vLLM's port, even reachable on
         # the network, cannot be used to go around tide-vllm's own API keys.
         ctx.upstream_api_key = config.api_key or secrets.token_urlsafe(32)
