@@ -14,6 +14,7 @@ import pytest
 
 from tests.helpers import alive, descendants
 from tests.helpers import command_line as cmdline
+from tide_vllm_cmd.app.options.options import VLLM_SERVER_MODULE
 
 pytestmark = pytest.mark.e2e
 
@@ -23,9 +24,7 @@ QUESTION = {"prompt": "What is the capital of France?", "temperature": 0, "max_t
 def test_kill_9_of_the_vllm_api_server_is_survived(real_service):
     before = descendants(real_service.proc.pid)
     api_servers = [
-        p
-        for p in before
-        if "vllm.entrypoints.openai.api_server" in cmdline(p) and "vllm_launcher" not in cmdline(p)
+        p for p in before if VLLM_SERVER_MODULE in cmdline(p) and "vllm_launcher" not in cmdline(p)
     ]
     assert len(api_servers) == 1, [cmdline(p) for p in before]
 

@@ -1,22 +1,30 @@
 """The real entry point, run as a process: configuration errors exit 2 with one clear line."""
 
 import os
+import re
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.helpers import MAIN, PYTHON
-from tide_vllm_cmd.app.options.options import Config, load_config
+from tests.service import ServiceProcess, fake_vllm_config
+from tide_vllm_cmd import main as entry
+from tide_vllm_cmd.app.options.options import Config, is_local_model_path, load_config
 
 
-def run_main(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run_main(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [PYTHON, str(MAIN), *args],
         capture_output=True,
         text=True,
         timeout=60,
         env={**os.environ, **(env or {})},
+        cwd=cwd,
     )
 
 
@@ -129,3 +137,111 @@ def test_a_launch_command_that_does_not_exist_is_one_clear_line(tmp_path):
     assert "Traceback" not in result.stderr
     assert "'/nonexistent/vllm' was not found" in result.stderr
     assert "auto_start: false" in result.stderr
+
+
+# -- a bad set-up is caught up front ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/nonexistent/model", "./models/qwen", "../qwen", "~/no-such-model", ".", "a/b/c", "x y"],
+)
+def test_these_model_paths_can_only_be_local(path):
+    assert is_local_model_path(path)
+
+
+@pytest.mark.parametrize("path", ["Qwen/Qwen2.5-7B-Instruct", "gpt2", "org/name.v2", "a_b/c-d"])
+def test_these_model_paths_may_be_hugging_face_ids(path):
+    assert not is_local_model_path(path)
+
+
+def test_a_local_model_path_that_does_not_exist_exits_2_before_vllm_starts(tmp_path):
+    missing = tmp_path / "models" / "Qwen2.5-7B-Instruct"
+    config = fake_vllm_config(model_path=str(missing))
+    path = write(tmp_path, yaml.safe_dump(config))
+    started = time.monotonic()
+    result = run_main("-c", path)
+    assert result.returncode == 2, result.stderr
+    assert time.monotonic() - started < 30
+    assert "Traceback" not in result.stderr
+    error = [line for line in result.stderr.splitlines() if "config error" in line]
+    assert len(error) == 1, result.stderr
+    assert f"vllm.model_path: '{missing}' does not exist" in error[0]
+    assert error[0].startswith(f"tide-vllm: config error: {path}: ")
+    assert "starting vLLM" not in result.stderr and "fake vLLM" not in result.stderr
+
+
+def test_a_hugging_face_id_is_left_to_vllm(tmp_path):
+    config = fake_vllm_config(model_path="Qwen/Qwen2.5-7B-Instruct")
+    service = ServiceProcess(config, tmp_path)
+    try:
+        service.wait_healthy(timeout=30)
+        assert service.terminate()[0] == 0
+    finally:
+        service.kill_all()
+
+
+def test_in_manual_mode_the_model_path_is_not_checked(tmp_path):
+    config = fake_vllm_config(model_path="/nonexistent/model")
+    config["vllm"]["auto_start"] = False
+    service = ServiceProcess(config, tmp_path)
+    try:
+        service.wait_listening()
+        code, _ = service.terminate()
+        assert code == 0, service.log()[-2000:]
+        assert "model_path" not in service.log()
+    finally:
+        service.kill_all()
+
+
+def pyproject_version() -> str:
+    text = (Path(MAIN).parents[2] / "pyproject.toml").read_text()
+    found = re.search(r'(?m)^version = "([^"]+)"', text)
+    assert found
+    return found.group(1)
+
+
+def test_version_prints_the_package_version():
+    for command in ([PYTHON, str(MAIN)], [str(Path(PYTHON).parent / "tide-vllm")]):
+        result = subprocess.run([*command, "--version"], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == f"tide-vllm {pyproject_version()}\n"
+
+
+def test_version_comes_from_pyproject_when_the_package_is_not_installed(monkeypatch):
+    def not_installed(name: str) -> str:
+        raise entry.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(entry.metadata, "version", not_installed)
+    assert entry.version() == pyproject_version()
+
+
+def test_without_c_the_default_file_is_read(tmp_path):
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "tide-vllm.yaml").write_text("vllm:\n  max_tokenz: 5\n")
+    assert_config_error(run_main(cwd=tmp_path), "conf/tide-vllm.yaml", "vllm.max_tokenz")
+
+
+def test_without_c_or_the_default_file_it_says_how_to_get_one(tmp_path):
+    result = run_main(cwd=tmp_path)
+    assert_config_error(result, "conf/tide-vllm.yaml does not exist", str(tmp_path))
+    assert "tide-vllm --print-config > tide-vllm.yaml" in result.stderr
+    assert "-c " in result.stderr
+
+
+def test_print_config_gives_every_key_its_default_and_a_comment(tmp_path):
+    result = run_main("--print-config", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    text = result.stdout
+    path = write(tmp_path, text)
+    assert load_config(path, environ={}) == Config()  # it loads back as the defaults
+    lines = text.splitlines()
+    keys = [i for i, line in enumerate(lines) if re.match(r"^ *[a-z_]+:", line)]
+    assert len(keys) > 40
+    for i in keys:  # each key has a comment above it, at its own indentation
+        indent = len(lines[i]) - len(lines[i].lstrip())
+        assert lines[i - 1].startswith(" " * indent + "# "), lines[i]
+    sections = [line[:-1] for line in lines if re.match(r"^[a-z]+:$", line)]
+    assert sections[:2] == ["web", "vllm"]  # the spec's order
+    assert set(sections) == set(Config.model_fields)
+    assert max(len(line) for line in lines) <= 100

@@ -4,13 +4,16 @@ real signals, real process groups."""
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import logging
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.helpers import FAKE_VLLM, PYTHON, alive, free_port
@@ -53,14 +56,44 @@ def pids_of(pidfile: Path) -> list[int]:
 def test_every_start_up_key_becomes_its_vllm_flag():
     config = VLLMConfig(enable_chunked_prefill=False, extra_args=["--seed", "7"])
     cmd = build_command(config)
-    assert cmd[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+    assert cmd[1:3] == ["-m", "vllm.entrypoints.launchers.api_server.entry"]
     flags = " ".join(cmd[3:])
     assert flags == (
         "--model Qwen/Qwen2.5-7B-Instruct --served-model-name Qwen2.5-7B-Instruct "
         "--host 0.0.0.0 --port 8000 --gpu-memory-utilization 0.9 --tensor-parallel-size 1 "
         "--max-num-seqs 256 --max-num-batched-tokens 8192 --max-model-len 4096 --dtype auto "
-        "--enable-prefix-caching --no-enable-chunked-prefill --seed 7"
+        "--enable-prefix-caching --no-enable-chunked-prefill "
+        "--disable-access-log-for-endpoints /v1/models --seed 7"
     )
+
+
+@pytest.mark.parametrize(
+    "theirs",
+    [
+        ["--disable-access-log-for-endpoints", "/metrics"],
+        ["--disable-access-log-for-endpoints=/metrics"],
+        ["--disable_access_log_for_endpoints", "/metrics"],
+        ["--disable-uvicorn-access-log"],
+    ],
+)
+def test_the_users_own_access_log_flags_replace_the_probes(theirs):
+    cmd = build_command(VLLMConfig(extra_args=theirs))
+    assert cmd[-len(theirs) :] == theirs
+    assert "/v1/models" not in cmd
+
+
+def test_the_default_launch_command_is_neither_deprecated_nor_the_console_script():
+    """`vllm serve` fails in the CPU wheel (PackageNotFoundError: vllm) and
+    `-m vllm.entrypoints.openai.api_server` is deprecated; the module both hand over to is
+    in the installed vLLM."""
+    command = build_command(VLLMConfig())
+    assert command[0] == sys.executable and command[1] == "-m"
+    module = command[2]
+    assert "openai.api_server" not in module and "cli" not in module
+    vllm = importlib.util.find_spec("vllm")  # without importing vLLM (and torch) here
+    assert vllm is not None and vllm.submodule_search_locations
+    package = Path(vllm.submodule_search_locations[0])
+    assert package.joinpath(*module.split(".")[1:]).with_suffix(".py").is_file()
 
 
 def test_without_vllm_installed_the_error_says_how_to_install_it(monkeypatch):
@@ -104,7 +137,8 @@ async def test_never_ready_times_out_kills_the_group_and_reports_fatal(tmp_path)
     await manager.stop()
 
 
-async def test_exiting_during_start_is_reported_with_its_last_words(tmp_path):
+async def test_exiting_during_start_is_reported_with_its_last_words(tmp_path, caplog):
+    caplog.set_level(logging.DEBUG, logger="vllm")
     fatal: list[str] = []
     manager, _ = make_manager(tmp_path, "exit=3", fatal)
     await manager.start()
@@ -114,6 +148,101 @@ async def test_exiting_during_start_is_reported_with_its_last_words(tmp_path):
     assert "model could not be loaded" in str(info.value)
     assert fatal
     await manager.stop()
+    # A crash is not a stop tide-vllm asked for: what vLLM said keeps its level.
+    said = [r for r in vllm_records(caplog) if "model could not be loaded" in r.getMessage()]
+    assert [r.levelno for r in said] == [logging.ERROR]
+
+
+def vllm_records(caplog) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "vllm"]
+
+
+def level_of(caplog, part: str) -> int:
+    levels = {r.levelno for r in vllm_records(caplog) if part in r.getMessage()}
+    assert len(levels) == 1, (part, levels)
+    return levels.pop()
+
+
+async def test_while_vllm_starts_a_line_says_how_long_and_what_it_does(
+    tmp_path, caplog, monkeypatch
+):
+    monkeypatch.setattr(plugin_vllm, "STARTUP_REPORT_INTERVAL", 0.3)
+    caplog.set_level(logging.INFO)
+    manager, _ = make_manager(tmp_path, "startup_log=2.5")  # 2.5 s on "shard 1 of 2"
+    await manager.start()
+    deadline = time.monotonic() + 20
+    while "loading the weights" not in manager.current().detail:  # /health says it too
+        assert time.monotonic() < deadline, manager.current()
+        await asyncio.sleep(0.05)
+    assert manager.current().detail.startswith("vLLM is starting (")
+    await asyncio.wait_for(manager.wait_ready(), 20)
+    reports = [
+        r
+        for r in caplog.records
+        if r.name == "tide_vllm.supervisor" and r.getMessage().startswith("vLLM is starting (")
+    ]
+    assert all(r.levelno == logging.INFO for r in reports)
+    messages = [r.getMessage() for r in reports]
+    loading = [m for m in messages if m.endswith("): loading the weights (1 of 2 shards done)")]
+    assert len(loading) >= 3, messages  # one every 0.3 s during the 2.5 s pause
+    seconds = [int(m.split("(", 1)[1].split("s)", 1)[0]) for m in messages]
+    assert seconds == sorted(seconds)
+    await manager.stop()
+
+
+async def test_vllms_lines_are_logged_at_their_own_level(tmp_path, caplog):
+    caplog.set_level(logging.DEBUG, logger="vllm")
+    manager, _ = make_manager(tmp_path, "startup_log=0")
+    await manager.start()
+    await asyncio.wait_for(manager.wait_ready(), 20)
+    await manager.stop()
+    assert level_of(caplog, "Found ulimit of 20000") == logging.WARNING
+    assert level_of(caplog, "Starting to load model fake") == logging.INFO
+    assert level_of(caplog, "checkpoint shards:  50% Completed") == logging.INFO  # no level
+    assert level_of(caplog, "FutureWarning: a warning of Python's") == logging.WARNING
+    assert level_of(caplog, "warnings.warn(") == logging.WARNING
+    assert level_of(caplog, "Traceback (most recent call last)") == logging.ERROR
+    assert level_of(caplog, 'File "/x/fake.py", line 1') == logging.ERROR
+    assert level_of(caplog, "ValueError: a traceback printed without a level") == logging.ERROR
+    assert level_of(caplog, "NUMA binding (a PyTorch C++ line)") == logging.WARNING
+    assert level_of(caplog, "Application startup complete") == logging.INFO
+    line = next(r for r in vllm_records(caplog) if "Starting to load model" in r.getMessage())
+    # vLLM's level and time are the log line's own; its process and source stay in the text.
+    assert line.getMessage() == (
+        f"(Worker pid={line.vllm_pid}) [cpu_model_runner.py:68] Starting to load model fake..."
+    )
+    assert "INFO" not in line.getMessage() and line.vllm_source == "cpu_model_runner.py:68"
+
+
+async def test_the_health_probe_stays_out_of_vllms_access_log(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="vllm")
+    manager, _ = make_manager(tmp_path, "", health_interval=0.1)
+    await manager.start()
+    await asyncio.wait_for(manager.wait_ready(), 20)
+    await asyncio.sleep(1)  # about ten health checks
+    async with httpx.AsyncClient() as client:  # someone else's request
+        assert (await client.get(manager.config.base_url + "/health")).status_code == 200
+    deadline = time.monotonic() + 10
+    while not any('"GET /health HTTP/1.1" 200' in r.getMessage() for r in vllm_records(caplog)):
+        assert time.monotonic() < deadline, [r.getMessage() for r in vllm_records(caplog)]
+        await asyncio.sleep(0.05)
+    probes = [r.getMessage() for r in vllm_records(caplog) if "GET /v1/models" in r.getMessage()]
+    assert probes == []
+    await manager.stop()
+
+
+async def test_what_vllm_prints_while_it_is_stopped_on_purpose_is_debug(tmp_path, caplog):
+    caplog.set_level(logging.DEBUG)
+    manager, _ = make_manager(tmp_path, "shutdown_noise")
+    await manager.start()
+    await asyncio.wait_for(manager.wait_ready(), 20)
+    await manager.stop()
+    words = ("[shutdown]", "Traceback", "EngineDeadError", "KeyboardInterrupt", "nanobind")
+    said = [r for r in vllm_records(caplog) if any(w in r.getMessage() for w in words)]
+    assert len(said) >= 6, [r.getMessage() for r in vllm_records(caplog)]
+    assert {r.levelno for r in said} == {logging.DEBUG}
+    stopped = [r.getMessage() for r in caplog.records if r.name == "tide_vllm.supervisor"]
+    assert any(m.startswith("vLLM process group ") and " stopped in " in m for m in stopped)
 
 
 async def test_a_group_that_ignores_sigterm_is_killed_after_the_grace(tmp_path):

@@ -94,7 +94,8 @@ def _on_signal(ctx: Context, sig: signal.Signals) -> None:
             log.warning("second SIGINT: stopping at once")
             ctx.force = True
         return
-    log.info("received %s: shutting down", sig.name)
+    again = " (Ctrl-C again: stop at once)" if sig == signal.SIGINT else ""
+    log.info("received %s: shutting down%s", sig.name, again)
     ctx.request_shutdown()
 
 

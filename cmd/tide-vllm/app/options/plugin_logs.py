@@ -54,18 +54,30 @@ class TextFormatter(logging.Formatter):
         return f"{self._stamp},{int((created - second) * 1000):03d}"
 
 
+# A line of vLLM's output carries its parts (plugin_vllm.VLLMLine.fields): in JSON, vLLM's
+# message alone is the message, and where vLLM said it and which of its processes said it are
+# keys of their own; the record's level is vLLM's.
+_VLLM_FIELDS = {"vllm_source": "source", "vllm_process": "process", "vllm_pid": "pid"}
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
+        vllm_line = hasattr(record, "vllm_message")
         line = _json_line(
             record.created,
             record.levelname,
             record.name,
-            record.getMessage(),
+            record.vllm_message if vllm_line else record.getMessage(),  # type: ignore[attr-defined]
             getattr(record, "request_id", "-"),
         )
         for name in _EXTRA_FIELDS:
             if hasattr(record, name):
                 line[name] = getattr(record, name)
+        if vllm_line:
+            for name, key in _VLLM_FIELDS.items():
+                value = getattr(record, name, None)
+                if value is not None:
+                    line[key] = value
         if record.exc_info:  # to the log only, never to a client
             line["exception"] = self.formatException(record.exc_info)
         return orjson.dumps(line).decode()

@@ -15,6 +15,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -22,6 +23,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +31,7 @@ from tide_vllm.domain.chat.entity import EngineState, EngineStatus
 from tide_vllm.infrastructure.vllm.vllm_client import VLLMClient
 from tide_vllm.infrastructure.vllm.vllm_repository import probe_models
 
-from .options import VLLMConfig, default_vllm_command
+from .options import VLLMConfig, check_model_path, default_vllm_command
 from .processes import (
     command_line,
     group_members,
@@ -49,6 +51,11 @@ PROBE_TIMEOUT = 2.0
 LINE_LIMIT = 1 << 20
 STABLE_AFTER = 60.0  # ready this long: the next crash starts the restart count afresh
 ORPHAN_GRACE = 3.0  # launcher's grace between SIGTERM and SIGKILL when tide-vllm is gone
+STARTUP_REPORT_INTERVAL = 10.0  # while vLLM starts, a line saying how long and what it is doing
+# The supervisor's probe (GET /v1/models every vllm.health_interval) must not fill vLLM's access
+# log; other requests stay in it. Not added when the user configures vLLM's access log.
+PROBE_PATH = "/v1/models"
+ACCESS_LOG_FLAGS = ("--disable-access-log-for-endpoints", "--disable-uvicorn-access-log")
 
 
 class VLLMStartError(Exception):
@@ -56,12 +63,16 @@ class VLLMStartError(Exception):
 
 
 def build_command(config: VLLMConfig) -> list[str]:
-    """The launch command followed by one flag per start-up key of the spec."""
+    """The launch command followed by one flag per start-up key of the spec, then the flag
+    that keeps the health probe out of vLLM's access log, then the user's `extra_args`."""
     command = list(config.command) if config.command else default_vllm_command()
 
     def toggle(name: str, on: bool) -> str:
         return f"--{name}" if on else f"--no-{name}"
 
+    # vLLM's parser takes --flag=value and --flag_name as well as --flag-name.
+    given = {arg.split("=", 1)[0].replace("_", "-") for arg in config.extra_args}
+    quiet_probe = [] if given & set(ACCESS_LOG_FLAGS) else [ACCESS_LOG_FLAGS[0], PROBE_PATH]
     return [
         *command,
         "--model", config.model_path,
@@ -76,6 +87,7 @@ def build_command(config: VLLMConfig) -> list[str]:
         "--dtype", config.dtype,
         toggle("enable-prefix-caching", config.enable_prefix_caching),
         toggle("enable-chunked-prefill", config.enable_chunked_prefill),
+        *quiet_probe,
         *config.extra_args,
     ]  # fmt: skip
 
@@ -171,6 +183,191 @@ def _kill_group_now(pgid: int) -> None:
             return
 
 
+# -- vLLM's output -----------------------------------------------------------------------
+# What vLLM prints, seen with vLLM 0.32 (its logger's format, then uvicorn's, PyTorch's C++
+# log, Python's warnings, a progress bar):
+#   (EngineCore pid=6005) INFO 11-29 16:08:20 [core.py:133] Initializing a V1 LLM engine ...
+#   INFO 11-29 16:05:01 [loader.py:123] message        (older vLLM; EngineCore_DP0 in the prefix)
+#   INFO:     127.0.0.1:35352 - "POST /v1/chat/completions HTTP/1.1" 200 OK
+#   [W1129 16:08:30.649042915 utils.cpp:68] Warning: NUMA binding: ...
+#   /path/api_server.py:24: DeprecationWarning: ...
+#   Loading safetensors checkpoint shards:  50% Completed | 1/2 [00:02<00:02,  2.37s/it]
+_LEVELS = {
+    "DEBUG": logging.DEBUG,
+    "INFO": logging.INFO,
+    "WARNING": logging.WARNING,
+    "ERROR": logging.ERROR,
+    "CRITICAL": logging.CRITICAL,
+    "I": logging.INFO,
+    "W": logging.WARNING,
+    "E": logging.ERROR,
+    "F": logging.CRITICAL,
+}
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")  # colours, with VLLM_LOGGING_COLOR=1
+_PROCESS = re.compile(r"\((?P<process>[^()\s]+) pid=(?P<pid>\d+)\) ?")
+_LINE_FORMATS = (  # (pattern, source when the line does not name one)
+    (  # vLLM's logger
+        re.compile(
+            r"(?P<level>DEBUG|INFO|WARNING|ERROR|CRITICAL) \d\d-\d\d \d\d:\d\d:\d\d(?:[.,]\d+)? "
+            r"\[(?P<source>[^\]]*)\] ?(?P<message>.*)"
+        ),
+        None,
+    ),
+    (re.compile(r"(?P<level>DEBUG|INFO|WARNING|ERROR|CRITICAL):\s+(?P<message>.*)"), "uvicorn"),
+    (  # PyTorch's C++ log (c10)
+        re.compile(
+            r"\[(?P<level>[IWEF])\d{4} [\d:.]+(?: \d+)? (?P<source>[^\]\s]+)\] ?(?P<message>.*)"
+        ),
+        None,
+    ),
+)
+_PYTHON_WARNING = re.compile(r"\S+:\d+: [A-Z]\w*Warning: ")
+_TRACEBACK_STARTS = (
+    "Traceback (most recent call last):",
+    "During handling of the above exception",
+    "The above exception was the direct cause",
+)
+
+
+@dataclass(frozen=True)
+class VLLMLine:
+    """One line of vLLM's output, taken apart."""
+
+    message: str
+    level: int | None = None  # None: the line has no level (a traceback, a print, a bar)
+    source: str | None = None  # "loader.py:123", "uvicorn", "utils.cpp:68"
+    process: str | None = None  # "EngineCore", "EngineCore_DP0", "Worker", "APIServer"
+    pid: int | None = None
+
+    @property
+    def text(self) -> str:
+        """As tide-vllm's log shows it: vLLM's level and time are the log line's own."""
+        who = f"({self.process} pid={self.pid}) " if self.process else ""
+        where = f"[{self.source}] " if self.source else ""
+        return f"{who}{where}{self.message}".rstrip()
+
+    def fields(self) -> dict[str, Any]:
+        """For `extra=`: the parts JSON log lines keep as separate keys."""
+        return {
+            "vllm_message": self.message,
+            "vllm_source": self.source,
+            "vllm_process": self.process,
+            "vllm_pid": self.pid,
+        }
+
+
+def output_line(raw: bytes) -> str:
+    """A line as vLLM's terminal would end up showing it: without colours, and of a progress
+    bar redrawn with carriage returns only the last state."""
+    text = _ANSI.sub("", raw.decode(errors="replace")).rstrip()
+    return text.rsplit("\r", 1)[-1]
+
+
+def parse_vllm_line(text: str) -> VLLMLine:
+    process = pid = None
+    prefix = _PROCESS.match(text)
+    if prefix:
+        process, pid = prefix["process"], int(prefix["pid"])
+        text = text[prefix.end() :]
+    for line_format, default_source in _LINE_FORMATS:
+        match = line_format.fullmatch(text)
+        if match:
+            source = match.groupdict().get("source") or default_source
+            level = _LEVELS[match["level"]]
+            return VLLMLine(match["message"], level, source, process, pid)
+    return VLLMLine(text, None, None, process, pid)
+
+
+class OutputLevels:
+    """The level each line of vLLM's output is logged at: vLLM's own when the line has one.
+    A line without one is INFO, except that a Python traceback's lines are ERROR (they report
+    an error though each line has no level of its own) and a Python warning's are WARNING.
+    Followed per process: the output of vLLM's processes interleaves."""
+
+    def __init__(self) -> None:
+        self._block: dict[tuple[str | None, int | None], int] = {}
+
+    def level(self, line: VLLMLine) -> int:
+        key = (line.process, line.pid)
+        if line.level is not None:
+            self._block.pop(key, None)
+            return line.level
+        text = line.message
+        if text.startswith(_TRACEBACK_STARTS):
+            self._block[key] = logging.ERROR
+            return logging.ERROR
+        if _PYTHON_WARNING.match(text):
+            self._block[key] = logging.WARNING
+            return logging.WARNING
+        block = self._block.get(key)
+        if block is None:
+            return logging.INFO
+        if text[:1].isspace():  # a frame, a line of code, the warning's source line
+            return block
+        del self._block[key]  # the exception's own line ends a traceback
+        return block if block == logging.ERROR else logging.INFO
+
+
+# What vLLM is doing while it starts, from the lines it prints: (stage, pattern, summary),
+# the first match wins. The summary stays until a line of the same or a later stage matches
+# (vLLM's processes repeat early lines later on); "{0}"/"{1}" take the pattern's groups.
+_STARTUP_STEPS = tuple(
+    (stage, re.compile(pattern), summary)
+    for stage, pattern, summary in (
+        (6, r"Application startup complete", "its API server is up; waiting for the model list"),
+        (
+            5,
+            r"init engine \(profile|Starting vLLM (?:API )?server|Available routes"
+            r"|Supported tasks|Started server process|Waiting for application startup",
+            "starting its API server",
+        ),
+        (4, r"Capturing CUDA graphs.*?\| *(\d+)/(\d+)", "capturing CUDA graphs ({0} of {1})"),
+        (4, r"Capturing CUDA graphs|Graph capturing", "capturing CUDA graphs"),
+        (4, r"KV cache", "allocating the KV cache"),
+        (4, r"[Ww]arming up", "warming up the model"),
+        (
+            4,
+            r"Dynamo bytecode transform|Compiling a graph|[Cc]ompiling model"
+            r"|torch\.compile take|Directly load .*compiled",
+            "compiling the model (torch.compile)",
+        ),
+        (4, r"[Mm]emory profiling", "profiling memory"),
+        (4, r"Loading weights took|Model loading took", "weights loaded; preparing the engine"),
+        (
+            3,
+            r"Loading \w+ checkpoint shards: *\d+% Completed \| (\d+)/(\d+)",
+            "loading the weights ({0} of {1} shards done)",
+        ),
+        (3, r"[Dd]ownloading|Fetching \d+ files", "downloading the model"),
+        (3, r"Starting to load model|Loading model", "loading the model"),
+        (2, r"Initializing a V1 LLM engine|Initializing an LLM engine", "starting the engine"),
+        (
+            1,
+            r"non-default args|Resolved architecture|Using max model len",
+            "reading the model's configuration",
+        ),
+    )
+)
+
+
+class StartupProgress:
+    """What vLLM is doing while it starts, in a few words, read from its own lines."""
+
+    def __init__(self) -> None:
+        self.stage = 0
+        self.doing = "starting Python and importing vLLM"
+
+    def feed(self, line: VLLMLine) -> None:
+        for stage, pattern, summary in _STARTUP_STEPS:
+            match = pattern.search(line.message)
+            if match:
+                if stage >= self.stage:
+                    self.stage, self.doing = stage, summary.format(*match.groups())
+                return
+        if self.stage < 2 and (line.process or "").startswith("EngineCore"):
+            self.stage, self.doing = 2, "starting the engine"
+
+
 class VLLMServerManager:
     """The supervisor of DESIGN.md section 3, and the EngineMonitor of auto-start mode.
 
@@ -207,6 +404,8 @@ class VLLMServerManager:
         self._process: asyncio.subprocess.Process | None = None
         self._lifeline: int | None = None
         self._tail: deque[str] = deque(maxlen=20)
+        self._progress = StartupProgress()
+        self._stopping_group: int | None = None  # its output is the stop's: logged at DEBUG
         self._tasks: set[asyncio.Task[Any]] = set()
         self._ready = asyncio.Event()
         self._client = VLLMClient(
@@ -301,6 +500,8 @@ class VLLMServerManager:
             os.close(read_end)
         self._process, self._lifeline = process, write_end
         self._tail.clear()
+        self._progress = StartupProgress()
+        self._stopping_group = None
         self._record_group(process.pid)
         self._set(EngineState.STARTING, f"vLLM is starting (pid {process.pid})")
         self._spawn(self._pump_output(process), "pump")
@@ -322,8 +523,17 @@ class VLLMServerManager:
             log.warning("cannot write the pid file %s: %s", path, exc.strerror)
 
     async def _pump_output(self, process: asyncio.subprocess.Process) -> None:
-        """vLLM's output, line by line, to the `vllm` logger, without blocking the loop."""
+        """vLLM's output, line by line, to the `vllm` logger at vLLM's own level, without
+        blocking the loop; while it starts, what it does goes to the progress summary.
+
+        Once tide-vllm stops a running vLLM on purpose (shutdown, or a hang), what vLLM prints
+        is the end of a stop that was asked for (its [shutdown] lines, the engine it kills
+        first, an EngineDeadError traceback when its output handler loses that race, leak
+        reports at exit): logged at DEBUG. The supervisor reports the stop itself, and a SIGKILL
+        if one was needed. What a vLLM that crashed printed keeps its level."""
         assert process.stdout is not None
+        levels = OutputLevels()
+        progress = self._progress
         while True:
             try:
                 raw = await process.stdout.readline()
@@ -331,10 +541,17 @@ class VLLMServerManager:
                 raw = await process.stdout.read(LINE_LIMIT)
             if not raw:
                 return
-            line = raw.decode(errors="replace").rstrip()
-            if line:
-                self._tail.append(line)
-                vllm_log.info("%s", line)
+            text = output_line(raw)
+            if not text.strip():
+                continue
+            self._tail.append(text)
+            line = parse_vllm_line(text)
+            if self._state is EngineState.STARTING:  # afterwards a line is a request's, often
+                progress.feed(line)
+            level = levels.level(line)
+            if self._stopping_group == process.pid:
+                level = logging.DEBUG
+            vllm_log.log(level, "%s", line.text, extra=line.fields())
 
     async def _supervise(self, process: asyncio.subprocess.Process) -> None:
         """Start, watch, and restart with backoff; the first start failing is fatal."""
@@ -390,9 +607,12 @@ class VLLMServerManager:
                 return
 
     async def _await_ready(self, process: asyncio.subprocess.Process) -> None:
+        """Until vLLM lists the served model; every STARTUP_REPORT_INTERVAL seconds a line
+        says how long it has been starting and what it is doing."""
         loop = asyncio.get_running_loop()
         started = loop.time()
         deadline = started + self.config.startup_timeout
+        next_report = started + STARTUP_REPORT_INTERVAL
         while True:
             status = await probe_models(
                 self._client, self.config.model_name, PROBE_TIMEOUT, EngineState.STARTING
@@ -405,13 +625,22 @@ class VLLMServerManager:
                     f"vLLM exited with code {process.returncode} during start-up"
                     + self._last_words()
                 )
-            if loop.time() >= deadline:
+            now = loop.time()
+            if now >= deadline:
                 raise VLLMStartError(
                     f"vLLM was not ready within vllm.startup_timeout="
-                    f"{self.config.startup_timeout:g}s; stopped it" + self._last_words()
+                    f"{self.config.startup_timeout:g}s (it was {self._progress.doing}); "
+                    "stopped it" + self._last_words()
                 )
-            self._detail = f"vLLM is starting ({loop.time() - started:.0f}s)"
-            await _until_exit(process, READY_POLL_INTERVAL)
+            self._set(
+                EngineState.STARTING,
+                f"vLLM is starting ({now - started:.0f}s): {self._progress.doing}",
+            )
+            if now >= next_report:
+                log.info("%s", self._detail)
+                while next_report <= now:
+                    next_report += STARTUP_REPORT_INTERVAL
+            await _until_exit(process, min(READY_POLL_INTERVAL, next_report - now))
 
     async def _watch(self, process: asyncio.subprocess.Process) -> str:
         """Health polled while vLLM runs; returns why it must be restarted. Its exit is
@@ -444,6 +673,9 @@ class VLLMServerManager:
         pgid = process.pid  # setsid made the launcher's pid the group id
         grace = self.config.stop_timeout if grace is None else grace
         if group_members(pgid) or process.returncode is None:
+            started = time.monotonic()
+            if process.returncode is None:  # a stop, not the clean-up after a crash
+                self._stopping_group = pgid
             self._signal_group(pgid, signal.SIGTERM)
             if not await self._wait_group_gone(process, grace):
                 log.warning(
@@ -454,7 +686,7 @@ class VLLMServerManager:
                 self._signal_group(pgid, signal.SIGKILL)
                 if not await self._wait_group_gone(process, 5.0):
                     log.error("vLLM processes %s survived SIGKILL", group_members(pgid))
-            log.info("vLLM process group %d stopped", pgid)
+            log.info("vLLM process group %d stopped in %.1fs", pgid, time.monotonic() - started)
         # The group is gone, so the output pipe is at EOF: let the pump read the last lines.
         pumps = [t for t in self._tasks if t.get_name() == "pump"]
         if pumps:
@@ -526,6 +758,7 @@ class VLLMPlugin:
         if not config.auto_start:
             log.info("manual mode: using the vLLM server at %s", config.base_url)
             return
+        check_model_path(config, ctx.config_path)
         # A fresh random key for the vLLM we start: with it, vLLM's port, even reachable on
         # the network, cannot be used to go around tide-vllm's own API keys.
         ctx.upstream_api_key = config.api_key or secrets.token_urlsafe(32)
