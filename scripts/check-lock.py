@@ -106,8 +106,9 @@ def main(argv: list[str]) -> int:
         print(f"check-lock: what is installed differs from {lock}:", file=sys.stderr)
         print("\n".join(found), file=sys.stderr)
         print(
-            "check-lock: `make install` installs the lock; `make lock` re-resolves it after a\n"
-            "change of pyproject.toml's ranges (then review its diff and run `make test`).",
+            "check-lock: `make install` installs the lock (`make clean install` also drops what\n"
+            "was installed by hand); `make lock` re-resolves the lock after a change of\n"
+            "pyproject.toml's ranges (then review its diff and run `make test`).",
             file=sys.stderr,
         )
         return 1

@@ -58,7 +58,7 @@ quiet_pip() {
 }
 
 install() {  # install [pip options...]
-  echo "install-vllm: installing tide-vllm with $wheel $*" >&2
+  echo "install-vllm: installing tide-vllm with $wheel${*:+ $*}" >&2
   quiet_pip install --quiet "$@" -e '.[test,demo]' "$wheel"
   if [ "$flavour" = cpu ]; then
     "$py" -m pip uninstall --quiet -y $removed >/dev/null 2>&1 || true
@@ -94,7 +94,7 @@ write_lock() {
     fi
   } > "$lock.new"
   mv "$lock.new" "$lock"
-  echo "install-vllm: wrote $lock ($(grep -c '==' "$lock") pins)" >&2
+  echo "install-vllm: wrote $lock ($(grep -c '^[^#]' "$lock") pins)" >&2
 }
 
 freeze() {
