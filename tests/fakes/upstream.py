@@ -270,6 +270,109 @@ class ServerThread:
         self.thread.join(10)
 
 
+# -- a raw HTTP/1.1 upstream, for answers no framework would send ------------------------------
+
+
+@dataclass
+class RawRequest:
+    method: bytes
+    target: bytes
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+
+    def header(self, name: bytes) -> bytes | None:
+        return next((v for k, v in self.headers if k.lower() == name), None)
+
+
+@dataclass
+class RawConnection:
+    """What the server knows about one accepted connection."""
+
+    requests: int = 0
+    client_closed: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+def raw_response(body: bytes = b"", status: bytes = b"200 OK", headers: bytes = b"") -> bytes:
+    return b"HTTP/1.1 %s\r\ncontent-length: %d\r\n%s\r\n%s" % (status, len(body), headers, body)
+
+
+def raw_chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+async def _read_raw_request(reader: asyncio.StreamReader) -> RawRequest:
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head[:-4].split(b"\r\n")
+    method, target, _ = lines[0].split(b" ")
+    headers = [(k, v) for k, v in (tuple(line.split(b": ", 1)) for line in lines[1:])]
+    request = RawRequest(method, target, headers, b"")
+    if (length := request.header(b"content-length")) is not None:
+        request.body = await reader.readexactly(int(length))
+    elif (request.header(b"transfer-encoding") or b"").lower() == b"chunked":
+        while size := int((await reader.readuntil(b"\r\n"))[:-2], 16):
+            request.body += (await reader.readexactly(size + 2))[:-2]
+        await reader.readexactly(2)
+    return request
+
+
+async def echo_target(request, reader, writer, conn) -> None:
+    writer.write(raw_response(request.target))
+
+
+class RawUpstream:
+    """An HTTP/1.1 server on asyncio streams, in the test's own event loop, whose answers the
+    test writes byte by byte: `handler(request, reader, writer, connection)` answers each
+    request of a keep-alive connection; returning False closes the connection. It counts the
+    connections and the requests it read, and notices a client closing a connection."""
+
+    def __init__(self, handler=echo_target) -> None:
+        self.handler = handler
+        self.conns: list[RawConnection] = []
+        self.requests: list[RawRequest] = []
+        self.got_request = asyncio.Event()
+        self.client_closed = asyncio.Event()
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> RawUpstream:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        return self
+
+    @property
+    def accepts(self) -> int:
+        return len(self.conns)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = RawConnection()
+        self.conns.append(conn)
+        self._writers.append(writer)
+        try:
+            while True:
+                try:
+                    request = await _read_raw_request(reader)
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    conn.client_closed.set()
+                    self.client_closed.set()
+                    return
+                conn.requests += 1
+                self.requests.append(request)
+                self.got_request.set()
+                if await self.handler(request, reader, writer, conn) is False:
+                    return
+                await writer.drain()
+        except Exception:
+            pass
+        finally:
+            writer.close()
+
+    async def close(self) -> None:
+        self._server.close()
+        for writer in self._writers:
+            writer.close()
+        await self._server.wait_closed()
+
+
 if (
     __name__ == "__main__"
 ):  # a process of its own, for load tests: python -m tests.fakes.upstream PORT

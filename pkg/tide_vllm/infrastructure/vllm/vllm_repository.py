@@ -1,30 +1,28 @@
-"""ChatRepository and EngineMonitor on top of vLLM; translates httpx and vLLM errors into
-the domain's errors."""
+"""ChatRepository and EngineMonitor on top of vLLM; reads vLLM's answers and turns its error
+bodies into the domain's errors (the client, vllm_client.py, translates the HTTP libraries')."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
-import httpx
 import orjson
 
 from tide_vllm.domain.chat.entity import (
     ChatDelta,
     ChatEntity,
+    ChatError,
     ChatResult,
     EngineFailed,
     EngineRejected,
     EngineState,
     EngineStatus,
-    EngineTimeout,
-    EngineUnavailable,
     OpenAIChat,
     Usage,
 )
 from tide_vllm.domain.chat.repository import ChatRepository
 
-from .vllm_client import Answer, Reply, VLLMClient, header, read_body
+from .vllm_client import Answer, VLLMClient
 
 EVENT_END = b"\n\n"
 
@@ -35,8 +33,8 @@ class VLLMChatRepository(ChatRepository):
 
     # -- the spec's (Tide) requests -------------------------------------------------------
     async def complete(self, chat: ChatEntity) -> ChatResult:
-        response = await self._post(_payload(chat), chat.request_id)
-        body = _json_object(response.content)
+        _, content = await self._post(_payload(chat), chat.request_id)
+        body = _json_object(content)
         try:
             choice = body["choices"][0]
             return ChatResult(
@@ -59,19 +57,16 @@ class VLLMChatRepository(ChatRepository):
         try:
             yield []  # vLLM accepted the request; its events follow
             buffer = b""
-            try:
-                async for chunk in response:
-                    if reader.done:
-                        continue  # read to the end only so the connection can be reused
-                    buffer += chunk
-                    end = buffer.rfind(EVENT_END)
-                    if end >= 0:
-                        deltas = reader.read(buffer[: end + 2])
-                        buffer = buffer[end + 2 :]
-                        if deltas:
-                            yield deltas
-            except httpx.TransportError as exc:
-                raise _engine_error(exc, self.client) from None
+            async for chunk in response:
+                if reader.done:
+                    continue  # read to the end only so the connection can be reused
+                buffer += chunk
+                end = buffer.rfind(EVENT_END)
+                if end >= 0:
+                    deltas = reader.read(buffer[: end + 2])
+                    buffer = buffer[end + 2 :]
+                    if deltas:
+                        yield deltas
             if buffer.strip() and not reader.done:  # a last event without its blank line
                 deltas = reader.read(buffer)
                 if deltas:
@@ -83,58 +78,49 @@ class VLLMChatRepository(ChatRepository):
 
     # -- OpenAI requests, carried opaquely ------------------------------------------------
     async def relay(self, chat: OpenAIChat) -> bytes:
-        response = await self._post(chat.payload, chat.request_id)
-        if "json" not in response.content_type:
+        content_type, content = await self._post(chat.payload, chat.request_id)
+        if "json" not in content_type:
             raise EngineFailed("vLLM returned a body that is not JSON")
-        return response.content
+        return content
 
     def relay_stream(self, chat: OpenAIChat) -> AsyncIterator[bytes]:
         return self._event_blocks(chat.payload, chat.request_id)
 
     async def models(self) -> bytes:
-        return await self._get(self.client.get_models)
+        return await self._get("/v1/models")
 
     async def engine_metrics(self) -> bytes:
-        return await self._get(self.client.get_metrics)
+        return await self._get("/metrics")
 
-    async def _get(self, fetch: Callable[[], Awaitable[httpx.Response]]) -> bytes:
-        try:
-            response = await fetch()
-        except httpx.TransportError as exc:
-            raise _engine_error(exc, self.client) from None
-        if response.status_code >= 400:
-            raise _upstream_error(response.status_code, response.content)
-        return response.content
+    async def _get(self, path: str) -> bytes:
+        answer = await self.client.open("GET", path)
+        content = await answer.read()
+        if answer.status >= 400:
+            raise _upstream_error(answer.status, content)
+        return content
 
     # -- transport ------------------------------------------------------------------------
-    async def _post(self, payload: Mapping[str, Any], request_id: str) -> Reply:
-        try:
-            response = await self.client.chat_completions(payload, request_id)
-        except httpx.TransportError as exc:
-            raise _engine_error(exc, self.client) from None
-        if response.status_code >= 400:
-            raise _upstream_error(response.status_code, response.content)
-        return response
+    async def _post(self, payload: Mapping[str, Any], request_id: str) -> tuple[str, bytes]:
+        """vLLM's whole answer: its content type and body (the error it stands for if any)."""
+        answer = await self.client.open_chat(payload, request_id)
+        content = await answer.read()
+        if answer.status >= 400:
+            raise _upstream_error(answer.status, content)
+        return answer.header(b"content-type"), content
 
     async def _open_stream(self, payload: Mapping[str, Any], request_id: str) -> Answer:
         """vLLM's answer to a streamed request, once its head is in and it is an event stream
         (else the error it stands for, its body read and the connection closed)."""
+        answer = await self.client.open_chat(payload, request_id)
         try:
-            response = await self.client.open_chat_stream(payload, request_id)
-        except httpx.TransportError as exc:
-            raise _engine_error(exc, self.client) from None
-        try:
-            if response.status >= 400:
-                raise _upstream_error(response.status, await read_body(response))
-            if "text/event-stream" not in header(response, b"content-type"):
+            if answer.status >= 400:
+                raise _upstream_error(answer.status, await answer.read())
+            if "text/event-stream" not in answer.header(b"content-type"):
                 raise EngineFailed("vLLM did not answer with an event stream")
-        except httpx.TransportError as exc:
-            await response.aclose()
-            raise _engine_error(exc, self.client) from None
         except BaseException:
-            await response.aclose()
+            await answer.aclose()
             raise
-        return response
+        return answer
 
     async def _event_blocks(
         self, payload: Mapping[str, Any], request_id: str
@@ -142,38 +128,23 @@ class VLLMChatRepository(ChatRepository):
         """The answer's blocks of whole server-sent events (each ending in a blank line), passed
         on as soon as they are complete: a chunk that holds several events is one block, never
         split or held. The first block is empty: vLLM accepted the request (its answer's head
-        is in), so the caller can start its own answer before the first token. Read from the
-        transport as it comes (what httpx's `aiter_raw` would give, without its layers);
-        leaving early closes the connection, which makes vLLM abort the generation."""
+        is in), so the caller can start its own answer before the first token. Read as the
+        bytes come; leaving early closes the connection, which makes vLLM abort the
+        generation."""
         response = await self._open_stream(payload, request_id)
         try:
             yield b""  # vLLM accepted the request; its events follow
             buffer = b""
-            try:
-                async for chunk in response:
-                    buffer += chunk
-                    end = buffer.rfind(EVENT_END)
-                    if end >= 0:
-                        yield buffer[: end + 2]
-                        buffer = buffer[end + 2 :]
-            except httpx.TransportError as exc:
-                raise _engine_error(exc, self.client) from None
+            async for chunk in response:
+                buffer += chunk
+                end = buffer.rfind(EVENT_END)
+                if end >= 0:
+                    yield buffer[: end + 2]
+                    buffer = buffer[end + 2 :]
             if buffer.strip():
                 yield buffer + EVENT_END
         finally:
             await response.aclose()
-
-
-def _engine_error(exc: httpx.TransportError, client: VLLMClient) -> Exception:
-    """An httpx error as the domain's: unreachable → unavailable, slow → timeout. (Caught where
-    it happens rather than by a context manager: entering and leaving a generator-based one
-    cost each stream three objects and two generator steps.)"""
-    if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
-        return EngineUnavailable(f"cannot reach vLLM at {client.base_url}: {exc}")
-    if isinstance(exc, httpx.TimeoutException):
-        return EngineTimeout(f"vLLM did not answer within {client.timeout:g}s")
-    # The connection broke mid-request: vLLM went away.
-    return EngineUnavailable(f"lost the connection to vLLM: {exc!r}")
 
 
 class _DeltaReader:
@@ -299,12 +270,19 @@ async def probe_models(
 ) -> EngineStatus:
     """Healthy when GET /v1/models lists the served model; otherwise say why not."""
     try:
-        models = await client.list_models(timeout=timeout)
-    except httpx.HTTPStatusError as exc:
-        return EngineStatus(state, False, f"vLLM answered HTTP {exc.response.status_code}")
-    except (httpx.HTTPError, ValueError) as exc:
-        reason = str(exc) or type(exc).__name__
-        return EngineStatus(state, False, f"vLLM unreachable at {client.base_url}: {reason}")
+        answer = await client.open("GET", "/v1/models", timeout=timeout)
+        body = await answer.read()
+    except ChatError as exc:
+        return EngineStatus(state, False, f"vLLM unreachable ({exc.message})")
+    if answer.status >= 400:
+        return EngineStatus(state, False, f"vLLM answered HTTP {answer.status}")
+    try:
+        data = orjson.loads(body).get("data")
+    except (orjson.JSONDecodeError, AttributeError):
+        data = None
+    if not isinstance(data, list):
+        return EngineStatus(state, False, f"vLLM at {client.base_url} did not return a model list")
+    models = [str(item.get("id")) for item in data if isinstance(item, dict)]
     if model_name not in models:
         return EngineStatus(
             state, False, f"vLLM does not serve {model_name!r} (it serves {', '.join(models)})"
