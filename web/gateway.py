@@ -86,10 +86,43 @@ _REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
 
 OPEN_PATHS = frozenset({"/health", "/ready"})
 CHAT_PATHS = frozenset({"/chat/completions", "/v1/chat/completions"})
-KNOWN_ROUTES = frozenset(
-    {*OPEN_PATHS, *CHAT_PATHS, "/v1/models", "/metrics", "/metrics/vllm", "/docs",
-     "/openapi.json"}
+# The service's own routes (FastAPI's); any other path is relayed to vLLM (relay.py).
+OWN_PATHS = frozenset(
+    {*OPEN_PATHS, "/v1/models", "/metrics", "/metrics/vllm", "/docs", "/docs/oauth2-redirect",
+     "/redoc", "/openapi.json"}
 )  # fmt: skip
+# vLLM 0.32's routes (vllm/entrypoints/): relayed ones keep their path as the metrics' route
+# label; any other path is "other", so a scan of random paths cannot grow the label set.
+VLLM_ROUTES = frozenset(
+    {"/v1/completions", "/v1/responses", "/v1/messages", "/v1/messages/count_tokens",
+     "/v1/embeddings", "/pooling", "/classify", "/score", "/v1/score", "/rerank", "/v1/rerank",
+     "/v2/rerank", "/v2/embed", "/tokenize", "/detokenize", "/v1/audio/transcriptions",
+     "/v1/audio/translations", "/version", "/ping", "/invocations", "/tokenizer_info",
+     "/v1/chat/completions/render", "/v1/completions/render", "/v1/responses/render",
+     "/v1/messages/render", "/inference/v1/generate", "/generative_scoring"}
+)  # fmt: skip
+KNOWN_ROUTES = frozenset({*OWN_PATHS, *CHAT_PATHS, *VLLM_ROUTES})
+_TEMPLATES = (
+    ("/v1/responses/", "/cancel", "/v1/responses/{id}/cancel"),
+    ("/v1/responses/", "", "/v1/responses/{id}"),
+    ("/v1/models/", "", "/v1/models/{id}"),
+)
+
+
+def route_label(path: str) -> str:
+    """The metrics' route label of a path: bounded, whatever paths clients send."""
+    if path in KNOWN_ROUTES:
+        return path
+    for prefix, suffix, label in _TEMPLATES:
+        if (
+            path.startswith(prefix)
+            and path.endswith(suffix)
+            and "/" not in path[len(prefix) : len(path) - len(suffix)]
+        ):
+            return label
+    return "other"
+
+
 SHUTTING_DOWN = "tide-vllm is shutting down"
 
 
@@ -151,12 +184,14 @@ class GatewayMiddleware:
         self,
         app: ASGIApp,
         chat: ASGIApp,
+        relay: ASGIApp,
         lifecycle: Lifecycle,
         metrics: Metrics,
         api_keys: ApiKeys,
     ) -> None:
         self.app = app
         self.chat = chat
+        self.relay = relay
         self.lifecycle = lifecycle
         self.metrics = metrics
         self.api_keys = api_keys
@@ -181,7 +216,8 @@ class GatewayMiddleware:
         state["started"] = started
         state["headers"] = headers
         token = REQUEST_ID.set(request_id)
-        is_chat = path in CHAT_PATHS
+        # The chat and relay endpoints add the id, take a slot and note the status themselves.
+        endpoint = self.chat if path in CHAT_PATHS else None if path in OWN_PATHS else self.relay
         status = 500
         lifecycle = self.lifecycle
         try:
@@ -198,9 +234,9 @@ class GatewayMiddleware:
             if self._push_in_flight:
                 self.metrics.in_flight.inc()
             try:
-                if is_chat:  # the chat endpoint adds the id, takes its slot, notes the status
+                if endpoint is not None:
                     try:
-                        await self.chat(scope, receive, send)
+                        await endpoint(scope, receive, send)
                     finally:
                         status = state.get("status", 500)
                 else:
@@ -247,7 +283,7 @@ class GatewayMiddleware:
 
     def _account(self, scope: Scope, state: dict[str, Any], status: int, took: float) -> None:
         path = scope["path"]
-        route = path if path in KNOWN_ROUTES else "other"
+        route = route_label(path)
         shape = state.get("shape", "-")
         usage = state.get("usage")
         first_token = state.get("first_token_at")

@@ -17,6 +17,7 @@ from tests.service import ServiceProcess
 
 STARTUP_WAIT = 600
 API_KEY = "e2e-user-key"
+VLLM_KEY = "e2e-vllm-key"  # the key tide-vllm gives the vLLM it starts (random by default)
 
 
 @pytest.fixture(scope="session")
@@ -25,6 +26,7 @@ def real_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServicePr
     config["web"]["bind_address"] = {"host": "127.0.0.1", "port": free_port()}
     config["vllm"]["port"] = free_port()
     config["auth"] = {"api_keys": [API_KEY]}
+    config["vllm"]["api_key"] = VLLM_KEY  # known, so tests can also ask vLLM directly
     if os.environ.get("TIDE_VLLM_MODEL_DIR"):
         config["vllm"]["model_path"] = os.environ["TIDE_VLLM_MODEL_DIR"]
     model = Path(os.path.expanduser(config["vllm"]["model_path"]))

@@ -42,6 +42,8 @@ class FakeUpstream:
     def handle(self, request: httpx.Request) -> httpx.Response:
         if request.url.path == "/v1/models":
             return httpx.Response(200, json={"object": "list", "data": [{"id": MODEL}]})
+        if request.url.path != "/v1/chat/completions":  # vLLM's answer to a route it lacks
+            return httpx.Response(404, json={"detail": "Not Found"})
         body = json.loads(request.content)
         self.received.append(body)
         self.headers.append(request.headers)

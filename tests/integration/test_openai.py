@@ -272,8 +272,24 @@ def test_sdk_vllm_validation_error_raises_bad_request_with_its_param(client):
 
 def test_sdk_our_own_validation_error_raises_bad_request(client):
     with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model=MODEL, messages=[])
-    assert info.value.body["param"] == "messages"
+        client.chat.completions.create(model=MODEL, messages=HI, extra_body={"stream": "maybe"})
+    assert info.value.body["param"] == "stream"
+
+
+def test_what_vllm_validates_is_left_to_vllm(client, recorder):
+    """Empty messages reach vLLM, and vLLM's refusal is what the client gets."""
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=MODEL, messages=[], max_tokens=3)
+    assert "invalid request: IndexError" in info.value.message  # the fake vLLM's own words
+    assert recorder.bodies == [{"model": MODEL, "messages": [], "max_tokens": 3}]
+
+
+def test_vllms_request_id_field_names_the_request_without_a_header(tide, recorder):
+    recorder.clear()
+    body = {"model": MODEL, "messages": HI, "max_tokens": 3, "request_id": "body-id-1"}
+    r = httpx.post(tide.url + "/v1/chat/completions", json=body)
+    assert r.headers["x-request-id"] == "body-id-1"
+    assert recorder.headers[0]["x-request-id"] == "body-id-1"
 
 
 async def test_async_sdk_plain_stream_and_errors(aclient):

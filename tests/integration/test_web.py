@@ -183,10 +183,10 @@ async def test_a_broken_upstream_answer_is_a_502_without_a_traceback(harness):
     assert (await harness.http.get("/health")).status_code == 200
 
 
-async def test_an_unknown_route_is_a_json_404(harness):
+async def test_a_route_nobody_serves_gets_vllms_404(harness):
     r = await harness.http.get("/nope")
     assert r.status_code == 404
-    assert r.json()["error"]["code"] == 404
+    assert r.json() == {"detail": "Not Found"}  # vLLM's own answer, relayed
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -204,5 +204,40 @@ async def test_the_openapi_schema_documents_both_chat_routes(harness):
     paths = (await harness.http.get("/openapi.json")).json()["paths"]
     for path in PATHS:
         body = paths[path]["post"]["requestBody"]["content"]["application/json"]["schema"]
-        titles = {option.get("title") for option in body["oneOf"]}
-        assert titles == {"TideChatRequest", "OpenAIChatRequest"}
+        names = {option.get("title") or option.get("$ref") for option in body["oneOf"]}
+        assert names == {"#/components/schemas/TideChatRequest", "OpenAIChatRequest"}
+
+
+async def test_every_ref_of_the_openapi_document_resolves(harness):
+    """Clients generated from /openapi.json need every `$ref` to point inside it."""
+    document = (await harness.http.get("/openapi.json")).json()
+    refs: list[str] = []
+
+    def walk(node):
+        if isinstance(node, dict):
+            if isinstance(node.get("$ref"), str):
+                refs.append(node["$ref"])
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(document)
+    assert refs and "#/components/schemas/TideChatResponse" in refs
+    for ref in refs:
+        target = document
+        for part in ref.removeprefix("#/").split("/"):
+            assert part in target, f"{ref} does not resolve"
+            target = target[part]
+
+
+@pytest.mark.parametrize("content", [b"not json", b"[1, 2]", b""])
+async def test_vllm_answering_200_with_a_body_that_is_not_a_json_object_is_a_502(harness, content):
+    harness.upstream.behaviour = lambda body: httpx.Response(
+        200, content=content, headers={"content-type": "application/json"}
+    )
+    r = await harness.http.post(
+        "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]}
+    )
+    assert r.status_code == 502 and "not a JSON object" in r.json()["error"]["message"]

@@ -103,17 +103,33 @@ def test_an_openai_request_without_a_limit_gets_the_configured_max_tokens(given,
 @pytest.mark.parametrize(
     ("body", "field"),
     [
-        ({"messages": []}, "messages"),
-        ({"messages": "hi"}, "messages"),
-        ({"messages": [{"content": "hi"}]}, "messages[0]"),
         ({"messages": [{"role": "user", "content": "hi"}], "model": 3}, "model"),
-        ({"messages": [{"role": "user", "content": "hi"}], "stream": "yes"}, "stream"),
+        ({"messages": [{"role": "user", "content": "hi"}], "stream": "maybe"}, "stream"),
+        ({"messages": [{"role": "user", "content": "hi"}], "stream": 2}, "stream"),
     ],
 )
 def test_a_malformed_openai_request_names_its_field(body, field):
     with pytest.raises(InvalidChatRequest) as info:
         ChatFactory(DEFAULTS).from_openai(body)
     assert info.value.field == field
+
+
+@pytest.mark.parametrize(
+    ("given", "model", "stream"),
+    [
+        ({"model": ""}, "m", False),
+        ({"stream": 1}, "m", True),
+        ({"stream": "true"}, "m", True),
+        ({"stream": "0"}, "m", False),
+        ({"messages": []}, "m", False),  # vLLM says what is wrong with it
+        ({"messages": [{"content": "hi"}]}, "m", False),
+    ],
+)
+def test_what_vllm_accepts_or_refuses_itself_is_not_refused_here(given, model, stream):
+    body = {"messages": [{"role": "user", "content": "hi"}], **given}
+    chat = ChatFactory(DEFAULTS).from_openai(body)
+    assert (chat.model, chat.stream) == (model, stream)
+    assert chat.payload["messages"] == body["messages"]
 
 
 def test_the_tide_answer_body_is_what_its_schema_describes():

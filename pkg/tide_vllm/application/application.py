@@ -9,6 +9,7 @@ from tide_vllm.domain.chat.factory import ChatFactory
 from tide_vllm.domain.chat.repository import EngineMonitor
 
 from .chat_handler import ChatHandler
+from .relay_handler import RelayHandler
 
 
 @dataclass(frozen=True)
@@ -16,6 +17,7 @@ class Application:
     chat: ChatHandler
     factory: ChatFactory
     monitor: EngineMonitor
+    relay: RelayHandler
 
     async def health(self) -> EngineStatus:
         return await self.monitor.check()

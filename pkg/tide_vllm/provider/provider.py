@@ -10,8 +10,10 @@ import httpx
 
 from tide_vllm.application.application import Application
 from tide_vllm.application.chat_handler import ChatHandler
+from tide_vllm.application.relay_handler import RelayHandler
 from tide_vllm.domain.chat.factory import ChatDefaults, ChatFactory
 from tide_vllm.domain.chat.repository import EngineMonitor
+from tide_vllm.infrastructure.vllm.relay_repository import VLLMRelayRepository
 from tide_vllm.infrastructure.vllm.vllm_client import VLLMClient
 from tide_vllm.infrastructure.vllm.vllm_repository import VLLMChatRepository, VLLMEngineProbe
 
@@ -55,6 +57,7 @@ async def open_provider(
         factory = ChatFactory(settings.defaults)
         engine = monitor or VLLMEngineProbe(client, settings.defaults.model)
         handler = ChatHandler(VLLMChatRepository(client), factory, engine)
-        yield Provider(settings, client, Application(handler, factory, engine))
+        relay = RelayHandler(VLLMRelayRepository(client), engine)
+        yield Provider(settings, client, Application(handler, factory, engine, relay))
     finally:
         await client.aclose()

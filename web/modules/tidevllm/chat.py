@@ -55,6 +55,7 @@ SSE_HEADERS = [
     (b"x-accel-buffering", b"no"),
 ]
 DONE = b"data: [DONE]\n\n"
+_BOM = b"\xef\xbb\xbf"
 # A request still running after this long gets a task watching for its client leaving.
 WATCH_AFTER = 0.05
 # An OpenAI chunk whose delta carries text, and one that carries the usage.
@@ -175,6 +176,12 @@ class ChatEndpoint:
     ) -> None:
         state = exchange.state
         state["shape"] = OPENAI_SHAPE
+        if b"x-request-id" not in state["headers"]:
+            # vLLM's own body field names the request when no header does.
+            given = valid_request_id(body.get("request_id"))
+            if given:
+                state["request_id"] = given
+                REQUEST_ID.set(given)
         chat = app.factory.from_openai(body, state["request_id"])
         state["model"] = chat.model
         if self.log_prompts:
@@ -320,25 +327,15 @@ class _Exchange:
         """The body as a JSON object: one parse, with the size capped while it is read."""
         headers: dict[bytes, bytes] = self.state["headers"]  # the gateway's, a dict
         content_type = headers.get(b"content-type")
-        length = headers.get(b"content-length")
         if content_type is not None and content_type != JSON:
             media = content_type.split(b";", 1)[0].strip().lower().decode("latin-1")
             if media != "application/json" and not media.endswith("+json"):
                 raise RequestRejected(
                     415, "Content-Type", f"must be application/json, not {media!r}"
                 )
-        if length is not None and length.isdigit() and int(length) > limit:
-            raise RequestRejected(413, "body", f"larger than the limit of {limit} bytes")
-        raw = b""
-        while True:
-            message = await self.receive()
-            if message["type"] == "http.disconnect":
-                raise ClientDisconnected()
-            raw += message.get("body", b"")
-            if len(raw) > limit:
-                raise RequestRejected(413, "body", f"larger than the limit of {limit} bytes")
-            if not message.get("more_body", False):
-                break
+        raw = await self.read_body(limit)
+        if raw.startswith(_BOM):  # vLLM accepts a body that starts with one: so do we
+            raw = raw[len(_BOM) :]
         if not raw:
             raise InvalidChatRequest("body", "a JSON object is required")
         try:
@@ -350,6 +347,22 @@ class _Exchange:
         if not isinstance(body, dict):
             raise InvalidChatRequest("body", "must be a JSON object")
         return body
+
+    async def read_body(self, limit: int) -> bytes:
+        """The whole body, its size capped while it is read (413 above `limit`)."""
+        length = self.state["headers"].get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise RequestRejected(413, "body", f"larger than the limit of {limit} bytes")
+        raw = b""
+        while True:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnected()
+            raw += message.get("body", b"")
+            if len(raw) > limit:
+                raise RequestRejected(413, "body", f"larger than the limit of {limit} bytes")
+            if not message.get("more_body", False):
+                return raw
 
     async def until_disconnect(self, work: Awaitable[T]) -> T:
         """Run `work` in this task, cancelling it if the client disconnects first (which
@@ -544,7 +557,7 @@ _CHAT_BODY = {
         "application/json": {
             "schema": {
                 "oneOf": [
-                    TideChatRequest.model_json_schema(),
+                    {"$ref": "#/components/schemas/TideChatRequest"},
                     {
                         "title": "OpenAIChatRequest",
                         "type": "object",
@@ -563,13 +576,26 @@ _CHAT_BODY = {
 }
 
 
+def openapi_components() -> dict[str, Any]:
+    """The schemas the chat routes refer to, for the OpenAPI document's components: each
+    model and the models inside it, referred to as `#/components/schemas/<name>`."""
+    schemas: dict[str, Any] = {}
+    for model in (TideChatRequest, TideChatResponse):
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(schema.pop("$defs", {}))
+        schemas[model.__name__] = schema
+    return schemas
+
+
 def openapi_paths() -> dict[str, Any]:
     """The two chat routes for the app's OpenAPI schema (they are not FastAPI routes)."""
     answer = {
         "200": {
             "description": "The answer: the Tide shape for `prompt`, vLLM's for `messages`; "
             "with `stream`, server-sent events",
-            "content": {"application/json": {"schema": TideChatResponse.model_json_schema()}},
+            "content": {
+                "application/json": {"schema": {"$ref": "#/components/schemas/TideChatResponse"}}
+            },
         }
     }
     return {

@@ -23,9 +23,10 @@ from tide_vllm.domain.chat.repository import EngineMonitor
 from tide_vllm.provider.provider import ProviderSettings, open_provider
 from web.gateway import ApiKeys, GatewayMiddleware, Lifecycle
 from web.metrics import Metrics
-from web.modules.tidevllm.chat import ChatEndpoint, openapi_paths
+from web.modules.tidevllm.chat import ChatEndpoint, openapi_components, openapi_paths
 from web.modules.tidevllm.controller import router
 from web.modules.tidevllm.errors import install_error_handlers
+from web.modules.tidevllm.relay import RelayEndpoint
 
 from .options import Config, WebConfig
 from .processes import command_line, listening_pids
@@ -79,12 +80,19 @@ def build_app(
         body_timeout=body_timeout,
         log_prompts=log_prompts,
     )
+    relay = RelayEndpoint(
+        metrics,
+        lifecycle,
+        max_body_bytes=max_body_bytes,
+        max_concurrent_requests=max_concurrent_requests,
+        body_timeout=body_timeout,
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with open_provider(settings, monitor, transport) as provider:
             app.state.provider = provider
-            chat.application = provider.application
+            chat.application = relay.application = provider.application
             chat.default_model = settings.defaults.model
             engine = provider.application.monitor
             metrics.watch_engine(
@@ -93,7 +101,7 @@ def build_app(
             )
             started.set()
             yield
-            chat.application = None
+            chat.application = relay.application = None
 
     app = FastAPI(
         title="tide-vllm",
@@ -110,6 +118,7 @@ def build_app(
     edge: ASGIApp = GatewayMiddleware(
         app.build_middleware_stack(),
         chat,
+        relay,
         lifecycle=lifecycle,
         metrics=metrics,
         api_keys=ApiKeys(api_keys),
@@ -134,6 +143,8 @@ def _document_chat(app: FastAPI) -> None:
         if app.openapi_schema is None:
             schema = generate()
             schema["paths"] = {**openapi_paths(), **schema["paths"]}
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            components.update(openapi_components())
             app.openapi_schema = schema
         return app.openapi_schema
 

@@ -125,6 +125,19 @@ class OpenAIChat:
     payload: Mapping[str, Any]
 
 
+@dataclass(frozen=True, slots=True)
+class RelayRequest:
+    """Any other request of vLLM's API (completions, responses, embeddings, tokenize, audio …),
+    carried to vLLM as it came: the service reads none of it. `target` is the path with its
+    query; `headers` are the caller's end-to-end ones (names in lower case)."""
+
+    method: str
+    target: str
+    headers: tuple[tuple[bytes, bytes], ...]
+    body: bytes
+    request_id: str
+
+
 class EngineState(str, Enum):
     """The supervisor's states (DESIGN.md section 3); `external` is manual mode."""
 

@@ -56,23 +56,16 @@ class ChatFactory:
         )
 
     def from_openai(self, body: Mapping[str, Any], request_id: str | None = None) -> OpenAIChat:
-        """An OpenAI chat request, checked only for what the service itself relies on; vLLM
-        validates the rest and its refusals are relayed, so errors match vLLM's own."""
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise InvalidChatRequest("messages", "must be a non-empty array of messages")
-        for i, message in enumerate(messages):
-            if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-                raise InvalidChatRequest(f"messages[{i}]", "must be an object with a role")
+        """An OpenAI chat request. The service reads only what it relies on (the model, to
+        route; whether it streams) and is never stricter than vLLM: what vLLM validates
+        (messages, roles, value ranges) it lets vLLM validate, and relays vLLM's refusal."""
         model = body.get("model")
-        if model is None:
+        if model is None or model == "":  # vLLM serves its model for either
             model = self.defaults.model
-        elif not isinstance(model, str) or not model:
-            raise InvalidChatRequest("model", "must be a non-empty string")
-        stream = body.get("stream")
+        elif not isinstance(model, str):
+            raise InvalidChatRequest("model", "must be a string")
+        stream = _lax_bool(body.get("stream"))
         if stream is None:
-            stream = False
-        elif not isinstance(stream, bool):
             raise InvalidChatRequest("stream", "must be a boolean")
         payload = body if body.get("model") == model else {**body, "model": model}
         if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
@@ -86,3 +79,21 @@ class ChatFactory:
             stream=stream,
             payload=payload,
         )
+
+
+# What pydantic's lax mode, and so vLLM, reads as a boolean.
+_TRUE = frozenset({"1", "on", "t", "true", "y", "yes"})
+_FALSE = frozenset({"0", "off", "f", "false", "n", "no"})
+
+
+def _lax_bool(value: Any) -> bool | None:
+    """`stream` as vLLM reads it (None when vLLM would refuse it too)."""
+    if value is None:
+        return False
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int | float) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    return None

@@ -6,7 +6,7 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from typing import Protocol
 
-from .entity import ChatDelta, ChatEntity, ChatResult, EngineStatus, OpenAIChat
+from .entity import ChatDelta, ChatEntity, ChatResult, EngineStatus, OpenAIChat, RelayRequest
 
 
 class ChatRepository(ABC):
@@ -52,3 +52,27 @@ class EngineMonitor(Protocol):
     async def check(self) -> EngineStatus:
         """A fresh status; may ask vLLM, called by /health."""
         ...
+
+
+class RelayAnswer(Protocol):
+    """vLLM's answer to a relayed request, once its head is in: status, end-to-end headers
+    (lower-case names), and its body as it arrives. Closing it before the body's end makes
+    vLLM abort the request."""
+
+    status: int
+    headers: list[tuple[bytes, bytes]]
+
+    def __aiter__(self) -> AsyncIterator[bytes]: ...
+
+    async def read(self) -> bytes:
+        """The rest of the body; then the answer is closed."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+class RelayRepository(Protocol):
+    """Where relayed requests go. Raises the domain's Engine* errors when vLLM cannot be
+    reached or does not answer in time; vLLM's own answers, errors included, are answers."""
+
+    async def open(self, request: RelayRequest) -> RelayAnswer: ...

@@ -81,6 +81,11 @@ class VLLMChatRepository(ChatRepository):
         content_type, content = await self._post(chat.payload, chat.request_id)
         if "json" not in content_type:
             raise EngineFailed("vLLM returned a body that is not JSON")
+        try:
+            if not isinstance(orjson.loads(content), dict):
+                raise ValueError
+        except ValueError:  # orjson.JSONDecodeError is one
+            raise EngineFailed("vLLM returned a body that is not a JSON object") from None
         return content
 
     def relay_stream(self, chat: OpenAIChat) -> AsyncIterator[bytes]:

@@ -1,0 +1,187 @@
+"""Every other route of vLLM's API, relayed: `/v1/completions`, `/v1/responses`,
+`/v1/messages`, `/v1/embeddings`, `/tokenize`, `/rerank`, `/v1/audio/transcriptions` and
+the rest, as one plain ASGI endpoint for any path the service does not serve itself.
+
+A relayed request gets what a chat gets: the gateway's API keys, request id, access log and
+metrics (labelled by route), the body-size limit and `web.body_timeout`, a concurrency slot
+once its body is in, 503 at once while vLLM cannot serve, 504 when it does not answer within
+`vllm.timeout`, and cancellation upstream when the client leaves. vLLM's answer, its errors
+and its 404 for a route it does not serve included, is relayed as it comes: an event stream
+event by event, anything else whole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import orjson
+from starlette.types import Receive, Scope, Send
+
+from tide_vllm.application.application import Application
+from tide_vllm.domain.chat.entity import ChatError, RelayRequest
+from tide_vllm.domain.chat.repository import RelayAnswer
+from web.gateway import Lifecycle
+from web.metrics import Metrics
+
+from .chat import _Exchange, _Watchdog
+from .errors import (
+    CLIENT_CLOSED_REQUEST,
+    OPENAI_SHAPE,
+    ClientDisconnected,
+    RequestRejected,
+    count_upstream_error,
+    error_body,
+    param_and_kind,
+    status_of,
+)
+
+log = logging.getLogger("tide_vllm.web")
+
+# Headers of the caller's that do not go on to vLLM: hop-by-hop ones, the client's own
+# (the relay sets Host, Content-Length, Authorization and X-Request-Id), and Accept-Encoding
+# (vLLM's answers come uncompressed; the client decodes any that are not).
+_NOT_FORWARDED = frozenset(
+    {
+        b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
+        b"trailer", b"transfer-encoding", b"upgrade", b"host", b"content-length",
+        b"authorization", b"x-request-id", b"accept-encoding", b"expect",
+    }
+)  # fmt: skip
+# Headers of vLLM's answer that the server in front sets itself.
+_NOT_RELAYED = frozenset({b"server", b"date", b"content-length", b"x-request-id"})
+
+
+class RelayEndpoint:
+    """ASGI app for every path that is neither a chat path nor one of the service's own.
+    `application` is set by the app's lifespan."""
+
+    def __init__(
+        self,
+        metrics: Metrics,
+        lifecycle: Lifecycle,
+        *,
+        max_body_bytes: int,
+        max_concurrent_requests: int,
+        body_timeout: float,
+    ) -> None:
+        self.metrics = metrics
+        self.lifecycle = lifecycle
+        self.max_body_bytes = max_body_bytes
+        self.max_requests = max_concurrent_requests
+        self.body_timeout = body_timeout
+        self.application: Application | None = None
+        self._watchdog: _Watchdog | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        state: dict[str, Any] = scope["state"]
+        state["shape"] = OPENAI_SHAPE
+        watchdog = self._watchdog
+        if watchdog is None or watchdog.loop is not asyncio.get_running_loop():
+            watchdog = self._watchdog = _Watchdog(asyncio.get_running_loop())
+        exchange = _Exchange(scope, receive, send, watchdog)
+        try:
+            app = self.application
+            if app is None:
+                raise RuntimeError("the relay was called before the app started")
+            try:
+                async with asyncio.timeout(self.body_timeout):
+                    body = await exchange.read_body(self.max_body_bytes)
+            except TimeoutError:
+                raise RequestRejected(
+                    408, "body", f"not complete within web.body_timeout={self.body_timeout:g}s"
+                ) from None
+            lifecycle = self.lifecycle
+            if lifecycle.chats_in_flight >= self.max_requests:
+                message = (
+                    f"too many requests in flight (web.max_concurrent_requests="
+                    f"{self.max_requests}); retry shortly"
+                )
+                await self._error(exchange, 429, message, None, None, [(b"retry-after", b"1")])
+                return
+            lifecycle.chats_in_flight += 1
+            try:
+                await exchange.until_disconnect(self._relay(exchange, app, body))
+            finally:
+                lifecycle.chats_in_flight -= 1
+        except ClientDisconnected:
+            if not exchange.started:
+                await exchange.respond(CLIENT_CLOSED_REQUEST, b"")
+        except ChatError as exc:
+            count_upstream_error(self.metrics, exc)
+            status = status_of(exc)
+            if status >= 500:
+                log.warning("%s %s -> %d: %s", scope["method"], scope["path"], status, exc.message)
+            await self._error(exchange, status, exc.message, *param_and_kind(exc))
+        except RequestRejected as exc:
+            extra = [(b"connection", b"close")] if exc.status == 408 else []
+            await self._error(
+                exchange, exc.status, f"{exc.param}: {exc.message}", exc.param, None, extra
+            )
+        except Exception:
+            log.exception("unexpected error on %s %s", scope["method"], scope["path"])
+            await self._error(exchange, 500, "internal error in tide-vllm; see its log")
+
+    async def _relay(self, exchange: _Exchange, app: Application, body: bytes) -> None:
+        scope = exchange.scope
+        target = scope["raw_path"].decode("latin-1") if scope.get("raw_path") else scope["path"]
+        if scope.get("query_string"):
+            target += "?" + scope["query_string"].decode("latin-1")
+        request = RelayRequest(
+            method=scope["method"],
+            target=target,
+            headers=tuple((k, v) for k, v in scope["headers"] if k.lower() not in _NOT_FORWARDED),
+            body=body,
+            request_id=exchange.state["request_id"],
+        )
+        answer = await app.relay.open(request)
+        try:
+            await self._answer(exchange, answer)
+        finally:
+            await answer.aclose()
+
+    async def _answer(self, exchange: _Exchange, answer: RelayAnswer) -> None:
+        headers = [(k, v) for k, v in answer.headers if k not in _NOT_RELAYED]
+        content_type = next((v for k, v in headers if k == b"content-type"), b"")
+        if not content_type.startswith(b"text/event-stream"):
+            content = await answer.read()
+            exchange.state["usage"] = _usage_of(content)
+            await exchange.respond(answer.status, content, None, headers)
+            return
+        # An event stream: each piece as it comes, never held.
+        started = False
+        async for chunk in answer:
+            if not started:
+                await exchange.start(answer.status, headers)
+                started = True
+            await exchange.send({"type": "http.response.body", "body": chunk, "more_body": True})
+        if not started:
+            await exchange.start(answer.status, headers)
+        exchange.completed = True
+        await exchange.send({"type": "http.response.body", "body": b""})
+
+    async def _error(
+        self,
+        exchange: _Exchange,
+        status: int,
+        message: str,
+        param: str | None = None,
+        kind: str | None = None,
+        extra: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
+        if exchange.started:
+            return  # a stream already under way is cut: its client sees the end
+        body = error_body(OPENAI_SHAPE, status, message, param, kind, None, "")
+        await exchange.respond(status, orjson.dumps(body), b"application/json", extra)
+
+
+def _usage_of(content: bytes) -> tuple[int, int] | None:
+    """Token counts of a JSON answer that has OpenAI's usage, for the metrics."""
+    if b'"usage"' not in content:
+        return None
+    try:
+        usage = orjson.loads(content).get("usage")
+        return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+    except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
+        return None
