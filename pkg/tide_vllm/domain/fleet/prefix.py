@@ -1,0 +1,238 @@
+"""Which engine recently saw which prompt prefix, from hashed blocks of the rendered request.
+
+The gateway does not tokenize: it renders the request to a canonical byte string and cuts it
+into fixed-size blocks, each named by a hash chained with the previous block's, so one hash
+names the whole prefix up to the end of its block. Two requests that share a prefix share
+the hashes of its whole blocks, which is what vLLM's prefix cache can reuse.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+# 64 bytes are about 16 tokens of English or code (about 4 bytes a token), vLLM's default KV
+# block: the unit its prefix cache reuses, so a finer block could not name more reuse, and a
+# coarser one would drop up to a block of each turn's reuse. CJK text (3 bytes a character,
+# 1-2 characters a token) makes blocks of fewer tokens, which only makes the index finer.
+# Token-id prompts are rendered at 4 bytes a token, so a block is exactly 16 tokens.
+BLOCK_BYTES = 64
+BYTES_PER_TOKEN = 4
+
+# Separators no chat text is expected to hold, so that "a" + "bc" and "ab" + "c" differ.
+_MESSAGE = "\x1e"
+_FIELD = "\x1f"
+_PART = "\x1d"
+_MASK64 = (1 << 64) - 1
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
+
+
+def _render_content(content: Any, out: list[str]) -> None:
+    if content is None:
+        return
+    if isinstance(content, str):
+        out.append(content)
+        return
+    if not isinstance(content, list):
+        out.append(_canonical(content))
+        return
+    for part in content:
+        out.append(_PART)
+        if isinstance(part, Mapping):
+            kind = part.get("type")
+            if kind == "text" and isinstance(part.get("text"), str):
+                out.append(part["text"])
+                continue
+            if kind == "image_url" and isinstance(part.get("image_url"), Mapping):
+                out.append(str(part["image_url"].get("url", "")))
+                continue
+        out.append(part if isinstance(part, str) else _canonical(part))
+
+
+def render_chat(messages: Iterable[Any], tools: Any = None) -> bytes:
+    """The conversation as one canonical byte string: the tools first (chat templates put them
+    at the head of the prompt), then every message in order, its role and its content with the
+    parts flattened, then its other fields (tool calls, name, tool_call_id) in key order."""
+    out: list[str] = []
+    if tools:
+        out += [_MESSAGE, "tools", _FIELD, _canonical(tools)]
+    for message in messages:
+        out.append(_MESSAGE)
+        if not isinstance(message, Mapping):
+            out.append(_canonical(message))
+            continue
+        out += [str(message.get("role", "")), _FIELD]
+        _render_content(message.get("content"), out)
+        for key in sorted(k for k in message if k not in ("role", "content")):
+            value = message[key]
+            if value is not None:
+                out += [_FIELD, str(key), _FIELD, _canonical(value)]
+    return "".join(out).encode("utf-8", "surrogatepass")
+
+
+def render_prompt(prompt: Any) -> bytes:
+    """A completions prompt as bytes: its text, or its token ids at 4 bytes each. Of a batch
+    (a list of prompts) the first stands for all: batched prompts usually share a template."""
+    if isinstance(prompt, str):
+        return prompt.encode("utf-8", "surrogatepass")
+    if isinstance(prompt, list) and prompt:
+        if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            try:
+                return struct.pack(f"<{len(prompt)}I", *prompt)
+            except struct.error:  # ids out of range: vLLM will refuse the request anyway
+                return _canonical(prompt).encode()
+        return render_prompt(prompt[0])
+    if prompt is None or prompt == []:
+        return b""
+    return _canonical(prompt).encode("utf-8", "surrogatepass")
+
+
+def block_hashes(rendered: bytes, block_size: int = BLOCK_BYTES) -> tuple[int, ...]:
+    """One hash per whole block, each chained with the one before it; the tail that does not
+    fill a block is left out, as vLLM only caches whole blocks. Python's own hash is used: it
+    is several times faster than hashlib here, and the index lives in one process."""
+    hashes: list[int] = []
+    previous = 0
+    for start in range(0, len(rendered) - block_size + 1, block_size):
+        previous = hash((previous, rendered[start : start + block_size]))
+        hashes.append(previous)
+    return tuple(hashes)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestFeatures:
+    """What routing needs to know of a request: its prefix hashes, its size, its session."""
+
+    hashes: tuple[int, ...] = ()
+    prompt_bytes: int = 0
+    session_id: str | None = None
+    block_size: int = BLOCK_BYTES
+
+    @classmethod
+    def of_chat(
+        cls,
+        messages: Iterable[Any],
+        *,
+        tools: Any = None,
+        session_id: str | None = None,
+        block_size: int = BLOCK_BYTES,
+    ) -> RequestFeatures:
+        rendered = render_chat(messages, tools)
+        return cls(block_hashes(rendered, block_size), len(rendered), session_id, block_size)
+
+    @classmethod
+    def of_prompt(
+        cls, prompt: Any, *, session_id: str | None = None, block_size: int = BLOCK_BYTES
+    ) -> RequestFeatures:
+        rendered = render_prompt(prompt)
+        return cls(block_hashes(rendered, block_size), len(rendered), session_id, block_size)
+
+    @property
+    def total_blocks(self) -> int:
+        return len(self.hashes)
+
+    @property
+    def estimated_tokens(self) -> int:
+        return math.ceil(self.prompt_bytes / BYTES_PER_TOKEN)
+
+    def tokens_in(self, blocks: int) -> int:
+        """About how many prompt tokens `blocks` whole blocks hold."""
+        return blocks * self.block_size // BYTES_PER_TOKEN
+
+
+class PrefixIndex:
+    """An approximate, bounded map from prefix hashes to the engines that recently served them,
+    one namespace per model.
+
+    Each entry is one block hash of one model, holding a bit per engine; `capacity` bounds the
+    number of entries and the least recently recorded go first. A request's blocks are recorded
+    deepest first, so that a prefix's first blocks are always more recent than its later ones
+    and eviction cuts prefixes from their tail, as a radix tree evicts leaves."""
+
+    def __init__(self, capacity: int = 200_000) -> None:
+        if capacity < 1:
+            raise ValueError("capacity must be at least 1")
+        self.capacity = capacity
+        self._entries: OrderedDict[int, int] = OrderedDict()
+        self._slots: dict[str, int] = {}  # model -> the high bits of its entries' keys
+        self._bits: dict[str, dict[str, int]] = {}  # model -> engine -> its bit
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def match(self, model: str, hashes: Sequence[int]) -> dict[str, int]:
+        """For each engine that holds the request's first block, how many of its leading blocks
+        it holds in a row."""
+        slot = self._slots.get(model)
+        if slot is None or not hashes:
+            return {}
+        entries = self._entries
+        matched_bits: dict[int, int] = {}
+        alive = -1  # every bit
+        depth = 0
+        for h in hashes:
+            holders = entries.get(slot | (h & _MASK64), 0) & alive
+            if holders != alive and depth:
+                _credit(alive & ~holders, depth, matched_bits)
+            if not holders:
+                break
+            alive = holders
+            depth += 1
+        else:
+            _credit(alive, depth, matched_bits)
+        names = {bit: name for name, bit in self._bits[model].items()}
+        return {names[bit]: n for bit, n in matched_bits.items() if bit in names}
+
+    def record(self, model: str, hashes: Sequence[int], engine: str) -> None:
+        """`engine` was sent this prefix: it will hold its blocks in its cache."""
+        if not hashes:
+            return
+        slot = self._slots.setdefault(model, len(self._slots) << 64)
+        bits = self._bits.setdefault(model, {})
+        bit = bits.get(engine)
+        if bit is None:
+            bit = bits[engine] = _lowest_free_bit(bits.values())
+        entries = self._entries
+        for h in reversed(hashes):
+            key = slot | (h & _MASK64)
+            entries[key] = entries.get(key, 0) | bit
+            entries.move_to_end(key)
+        while len(entries) > self.capacity:
+            entries.popitem(last=False)
+
+    def forget(self, model: str, engine: str) -> None:
+        """Drop everything recorded for `engine` (it restarted, or left the fleet). Walks the
+        whole index: it happens when an engine is ejected or removed, not per request."""
+        bit = self._bits.get(model, {}).pop(engine, None)
+        if bit is None:
+            return
+        slot = self._slots[model]
+        entries = self._entries
+        for key, holders in list(entries.items()):
+            if holders & bit and key >> 64 == slot >> 64:
+                if holders == bit:
+                    del entries[key]
+                else:
+                    entries[key] = holders & ~bit  # assignment keeps its place in the order
+
+
+def _credit(bits: int, depth: int, matched: dict[int, int]) -> None:
+    while bits:
+        low = bits & -bits
+        matched[low] = depth
+        bits ^= low
+
+
+def _lowest_free_bit(taken: Iterable[int]) -> int:
+    used = 0
+    for bit in taken:
+        used |= bit
+    return ~used & (used + 1)
