@@ -92,6 +92,14 @@ def test_scraped_gauges_count_while_fresh_and_are_ignored_once_stale():
     assert (snapshot.waiting, snapshot.kv_cache_usage, snapshot.gauges_age) == (None, None, 16.0)
 
 
+def test_the_scraped_cache_size_bounds_what_the_index_believes_the_engine_holds():
+    clock = FakeClock()
+    fleet = fleet_of("e1", clock=clock)
+    fleet.observe("e1", waiting=0, kv_cache_usage=0.1, cache_tokens=48)  # 3 blocks of 16 tokens
+    fleet.on_dispatch(fleet.choose("m", REQUEST))
+    assert fleet.index.match("m", REQUEST.hashes) == {"e1": 3}
+
+
 def test_a_new_engine_takes_nothing_until_its_first_health_check_passes():
     clock = FakeClock()
     fleet = Fleet([Engine("e1", "m")], clock=clock)

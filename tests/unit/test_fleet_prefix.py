@@ -104,14 +104,34 @@ def test_models_are_separate_namespaces():
     assert index.match("b", (1, 2, 3)) == {"e9": 2}
 
 
-def test_memory_is_bounded_and_the_least_recent_prefixes_go_first():
-    index = PrefixIndex(capacity=6)
-    index.record("m", (1, 2, 3), "old")
-    index.record("m", (7, 8, 9), "new")
-    index.record("m", (4, 5), "newer")
-    assert len(index) == 6
-    assert index.match("m", (1, 2, 3)) == {"old": 1}  # its tail went first, its head remains
-    assert index.match("m", (7, 8, 9)) == {"new": 3}
+def test_each_engines_memory_is_bounded_and_its_least_recent_prefixes_go_first():
+    index = PrefixIndex(blocks_per_engine=6)
+    index.record("m", (1, 2, 3), "e1")
+    index.record("m", (7, 8, 9), "e1")
+    index.record("m", (4, 5), "e1")
+    index.record("m", (1, 2, 3), "e2")  # another engine's table is its own
+    assert index.match("m", (1, 2, 3)) == {"e1": 1, "e2": 3}  # e1 lost the tail first
+    assert index.match("m", (7, 8, 9)) == {"e1": 3}
+    assert len(index) == 6 + 3
+
+
+def test_a_table_may_run_over_its_bound_by_a_sixteenth_before_a_batch_is_evicted():
+    index = PrefixIndex(blocks_per_engine=160)
+    for start in range(0, 2000, 20):
+        index.record("m", tuple(range(start, start + 20)), "e1")
+        assert len(index) <= 170
+    assert index.match("m", tuple(range(1980, 2000))) == {"e1": 20}
+
+
+def test_an_engines_bound_can_be_set_to_its_real_cache_size():
+    index = PrefixIndex(blocks_per_engine=100)
+    index.record("m", tuple(range(50)), "e1")
+    index.resize("m", "e1", 10)
+    assert len(index) == 10
+    assert index.match("m", tuple(range(50))) == {"e1": 10}
+    index.resize("m", "e2", 5)
+    index.record("m", tuple(range(50)), "e2")
+    assert index.match("m", tuple(range(50))) == {"e1": 10, "e2": 5}
 
 
 def test_forgetting_an_engine_keeps_what_others_hold():
@@ -119,8 +139,6 @@ def test_forgetting_an_engine_keeps_what_others_hold():
     index.record("m", (1, 2, 3), "e1")
     index.record("m", (1, 2), "e2")
     index.forget("m", "e1")
+    index.forget("m", "nobody")
     assert index.match("m", (1, 2, 3)) == {"e2": 2}
     assert len(index) == 2
-    index.forget("m", "nobody")
-    index.record("m", (1, 2, 3), "e3")  # reuses the freed bit, without inheriting e1's blocks
-    assert index.match("m", (1, 2, 3)) == {"e2": 2, "e3": 3}

@@ -22,7 +22,7 @@ from enum import Enum
 
 from .engine import BreakerState, Engine, Gauges
 from .policy import Candidate, PrefixAffinity, Query, Reason, RoutingPolicy
-from .prefix import PrefixIndex, RequestFeatures
+from .prefix import BLOCK_BYTES, BYTES_PER_TOKEN, PrefixIndex, RequestFeatures
 
 
 class FleetError(Exception):
@@ -245,9 +245,23 @@ class Fleet:
 
     # -- health, metrics and operators
 
-    def observe(self, name: str, *, waiting: float, kv_cache_usage: float) -> None:
-        """The engine's vLLM gauges, just scraped."""
-        self.engine(name).gauges = Gauges(waiting, kv_cache_usage, self._clock())
+    def observe(
+        self,
+        name: str,
+        *,
+        waiting: float,
+        kv_cache_usage: float,
+        cache_tokens: int | None = None,
+    ) -> None:
+        """The engine's vLLM gauges, just scraped: `vllm:num_requests_waiting`,
+        `vllm:kv_cache_usage_perc` and, when known, the size of its KV cache in tokens
+        (`vllm:cache_config_info`'s num_gpu_blocks x block_size), which bounds what the index
+        believes it holds."""
+        engine = self.engine(name)
+        engine.gauges = Gauges(waiting, kv_cache_usage, self._clock())
+        if cache_tokens is not None:
+            blocks = cache_tokens * BYTES_PER_TOKEN // BLOCK_BYTES
+            self.index.resize(engine.model, name, blocks)
 
     def admit(self, name: str) -> None:
         """The engine passed a health check. If its breaker is half-open, this was the trial

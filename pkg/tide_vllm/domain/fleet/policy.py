@@ -120,7 +120,7 @@ class PrefixAffinity:
     name = "prefix"
 
     def __init__(
-        self, *, min_match: float = 0.3, balance_abs: int = 4, balance_rel: float = 1.25
+        self, *, min_match: float = 0.3, balance_abs: int = 8, balance_rel: float = 1.5
     ) -> None:
         if not 0.0 <= min_match <= 1.0:
             raise ValueError("min_match must be between 0 and 1")

@@ -8,10 +8,10 @@ the hashes of its whole blocks, which is what vLLM's prefix cache can reuse.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import struct
-from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +28,6 @@ BYTES_PER_TOKEN = 4
 _MESSAGE = "\x1e"
 _FIELD = "\x1f"
 _PART = "\x1d"
-_MASK64 = (1 << 64) - 1
 
 
 def _canonical(value: Any) -> str:
@@ -149,90 +148,88 @@ class RequestFeatures:
 
 
 class PrefixIndex:
-    """An approximate, bounded map from prefix hashes to the engines that recently served them,
-    one namespace per model.
+    """An approximate model of each engine's prefix cache: the prompt blocks it was recently
+    sent, per model and engine, each engine's bounded by a block count.
 
-    Each entry is one block hash of one model, holding a bit per engine; `capacity` bounds the
-    number of entries and the least recently recorded go first. A request's blocks are recorded
-    deepest first, so that a prefix's first blocks are always more recent than its later ones
-    and eviction cuts prefixes from their tail, as a radix tree evicts leaves."""
+    vLLM evicts the least recently used blocks of its prefix cache; so does each engine's table
+    here, once it holds more than `blocks_per_engine` blocks (or what `resize` set from the
+    engine's real cache size). A request's blocks are recorded deepest first, so a prefix's
+    first blocks are always more recent than its later ones and eviction cuts prefixes from
+    their tail, as a radix tree evicts leaves. An entry costs about 100 bytes: the default,
+    32768 blocks of 64 bytes (some 512k tokens), is about 3 MB an engine."""
 
-    def __init__(self, capacity: int = 200_000) -> None:
-        if capacity < 1:
-            raise ValueError("capacity must be at least 1")
-        self.capacity = capacity
-        self._entries: OrderedDict[int, int] = OrderedDict()
-        self._slots: dict[str, int] = {}  # model -> the high bits of its entries' keys
-        self._bits: dict[str, dict[str, int]] = {}  # model -> engine -> its bit
+    def __init__(self, blocks_per_engine: int = 32_768) -> None:
+        if blocks_per_engine < 1:
+            raise ValueError("blocks_per_engine must be at least 1")
+        self.blocks_per_engine = blocks_per_engine
+        self._tables: dict[str, dict[str, _Table]] = {}  # model -> engine -> its blocks
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return sum(len(t.blocks) for tables in self._tables.values() for t in tables.values())
 
     def match(self, model: str, hashes: Sequence[int]) -> dict[str, int]:
         """For each engine that holds the request's first block, how many of its leading blocks
         it holds in a row."""
-        slot = self._slots.get(model)
-        if slot is None or not hashes:
-            return {}
-        entries = self._entries
-        matched_bits: dict[int, int] = {}
-        alive = -1  # every bit
-        depth = 0
-        for h in hashes:
-            holders = entries.get(slot | (h & _MASK64), 0) & alive
-            if holders != alive and depth:
-                _credit(alive & ~holders, depth, matched_bits)
-            if not holders:
-                break
-            alive = holders
-            depth += 1
-        else:
-            _credit(alive, depth, matched_bits)
-        names = {bit: name for name, bit in self._bits[model].items()}
-        return {names[bit]: n for bit, n in matched_bits.items() if bit in names}
+        matched: dict[str, int] = {}
+        for engine, table in self._tables.get(model, {}).items():
+            blocks = table.blocks
+            n = 0
+            for h in hashes:
+                if h not in blocks:
+                    break
+                n += 1
+            if n:
+                matched[engine] = n
+        return matched
 
     def record(self, model: str, hashes: Sequence[int], engine: str) -> None:
         """`engine` was sent this prefix: it will hold its blocks in its cache."""
-        if not hashes:
-            return
-        slot = self._slots.setdefault(model, len(self._slots) << 64)
-        bits = self._bits.setdefault(model, {})
-        bit = bits.get(engine)
-        if bit is None:
-            bit = bits[engine] = _lowest_free_bit(bits.values())
-        entries = self._entries
-        for h in reversed(hashes):
-            key = slot | (h & _MASK64)
-            entries[key] = entries.get(key, 0) | bit
-            entries.move_to_end(key)
-        while len(entries) > self.capacity:
-            entries.popitem(last=False)
+        tables = self._tables.setdefault(model, {})
+        table = tables.get(engine)
+        if table is None:
+            table = tables[engine] = _Table(self.blocks_per_engine)
+        table.touch(hashes)
+
+    def resize(self, model: str, engine: str, blocks: int) -> None:
+        """Bound `engine`'s table by its real cache size, in blocks of the index."""
+        tables = self._tables.setdefault(model, {})
+        table = tables.get(engine)
+        if table is None:
+            table = tables[engine] = _Table(self.blocks_per_engine)
+        table.resize(max(1, blocks))
 
     def forget(self, model: str, engine: str) -> None:
-        """Drop everything recorded for `engine` (it restarted, or left the fleet). Walks the
-        whole index: it happens when an engine is ejected or removed, not per request."""
-        bit = self._bits.get(model, {}).pop(engine, None)
-        if bit is None:
-            return
-        slot = self._slots[model]
-        entries = self._entries
-        for key, holders in list(entries.items()):
-            if holders & bit and key >> 64 == slot >> 64:
-                if holders == bit:
-                    del entries[key]
-                else:
-                    entries[key] = holders & ~bit  # assignment keeps its place in the order
+        """Drop what `engine` was thought to hold (it restarted, or left the fleet)."""
+        table = self._tables.get(model, {}).get(engine)
+        if table is not None:
+            table.blocks.clear()
 
 
-def _credit(bits: int, depth: int, matched: dict[int, int]) -> None:
-    while bits:
-        low = bits & -bits
-        matched[low] = depth
-        bits ^= low
+class _Table:
+    """One engine's blocks, least recently used first."""
 
+    def __init__(self, capacity: int) -> None:
+        # A plain dict in recency order (re-inserting moves a key to its end) does the LRU's
+        # work at a third of OrderedDict's cost a block; evicting in batches of a sixteenth
+        # keeps a dict's head, which fills with holes as keys move, from being walked often.
+        self.blocks: dict[int, None] = {}
+        self.resize(capacity)
 
-def _lowest_free_bit(taken: Iterable[int]) -> int:
-    used = 0
-    for bit in taken:
-        used |= bit
-    return ~used & (used + 1)
+    def resize(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._limit = capacity + capacity // 16
+        self._evict()
+
+    def touch(self, hashes: Sequence[int]) -> None:
+        blocks = self.blocks
+        for h in reversed(hashes):
+            blocks.pop(h, None)
+            blocks[h] = None
+        if len(blocks) > self._limit:
+            self._evict()
+
+    def _evict(self) -> None:
+        excess = len(self.blocks) - self.capacity
+        if excess > 0:
+            for h in list(itertools.islice(self.blocks, excess)):
+                del self.blocks[h]
