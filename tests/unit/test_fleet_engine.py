@@ -186,17 +186,18 @@ def test_a_failed_trial_reopens_the_breaker_for_twice_as_long_up_to_the_cap():
     breaker = CircuitBreaker(SETTINGS)
     for t in (0.0, 0.0, 0.0):
         breaker.failed(t)
-    assert breaker.open_until() == 5.0
+    assert breaker.cooldown_left(0.0) == 5.0
     now = 5.0
     for cooldown in (10.0, 20.0, 20.0):
         breaker.begin_request(now)
         breaker.failed(now)
-        assert breaker.open_until() == now + cooldown
+        assert breaker.cooldown_left(now) == cooldown
         now += cooldown
+    assert breaker.cooldown_left(now) is None
     breaker.succeeded(now)
     for _ in range(3):
         breaker.failed(now)
-    assert breaker.open_until() == now + 5.0  # closing reset the cool-down
+    assert breaker.cooldown_left(now) == 5.0  # closing reset the cool-down
 
 
 def test_an_abandoned_trial_lets_the_next_one_through():

@@ -61,6 +61,11 @@ def test_tool_calls_and_images_are_part_of_the_rendering():
 def test_odd_messages_render_without_raising():
     assert render_chat([{"content": {"x": 1}}, "not a message", {"role": "user", "content": 5}])
     assert render_chat([{"role": "user", "content": "\ud800 lone surrogate"}])
+    assert render_chat(None) and render_chat({"role": "user"})
+    deep: list[object] = []
+    for _ in range(5000):
+        deep = [deep]
+    assert render_chat([{"role": "user", "content": {"x": deep}}])
 
 
 def test_a_completions_prompt_is_its_text_or_its_token_ids_at_four_bytes_each():

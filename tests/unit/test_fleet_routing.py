@@ -86,6 +86,12 @@ def test_prefix_overload_needs_both_the_absolute_and_the_relative_margin():
     assert policy.choose(q(c("a", 32, matched=10), c("b", 25))).engine == "b"
 
 
+def test_requests_waiting_in_vllm_count_toward_the_bound():
+    policy = PrefixAffinity(balance_abs=4, balance_rel=1.25)
+    choice = policy.choose(q(c("a", 3, matched=10, waiting=6), c("b", 3)))
+    assert (choice.engine, choice.reason) == ("b", Reason.LOAD)
+
+
 def test_prefix_takes_a_shorter_good_match_when_the_longest_is_overloaded():
     policy = PrefixAffinity(balance_abs=4, balance_rel=1.25)
     choice = policy.choose(q(c("a", 9, matched=10), c("b", 1, matched=6), c("c", 0)))

@@ -53,8 +53,11 @@ class CircuitBreaker:
             self._trial_out = False
         return self._state
 
-    def open_until(self) -> float | None:
-        return self._open_until if self._state is BreakerState.OPEN else None
+    def cooldown_left(self, now: float) -> float | None:
+        """Seconds until it half-opens, while it is open."""
+        if self.state(now) is BreakerState.OPEN:
+            return self._open_until - now
+        return None
 
     def allows(self, now: float) -> bool:
         state = self.state(now)
@@ -122,7 +125,15 @@ class Load:
 
     @property
     def key(self) -> tuple[int, int, float]:
+        """The least-load order: requests, then tokens, then waiting."""
         return (self.requests, self.tokens, self.waiting)
+
+    @property
+    def pressure(self) -> float:
+        """What the load bound compares: the requests in flight and those queued in vLLM. A
+        request of this gateway that waits in vLLM counts twice, which is right: the engine
+        is full."""
+        return self.requests + self.waiting
 
 
 class Engine:
@@ -166,7 +177,7 @@ class Engine:
             return "ejected"
         breaker = self.breaker.state(now)
         if breaker is not BreakerState.CLOSED:
-            return breaker.value
+            return str(breaker.value)
         return "draining" if self.draining else "admitted"
 
     def fresh_gauges(self, now: float, max_age: float) -> Gauges | None:

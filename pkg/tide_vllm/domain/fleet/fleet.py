@@ -91,7 +91,7 @@ class EngineSnapshot:
     admitted: bool
     draining: bool
     breaker: str
-    open_until: float | None  # on the fleet's clock
+    cooldown_left: float | None  # seconds until the open breaker lets a trial through
     requests: int
     prefilling: int
     tokens: int
@@ -187,7 +187,9 @@ class Fleet:
         self, model: str, request: RequestFeatures, exclude: Collection[str] = frozenset()
     ) -> Decision:
         """The engine of `model` that should take the request, among those admitted, not
-        draining, not held off by their breaker, and not in `exclude`."""
+        draining, not held off by their breaker, and not in `exclude`. Raises UnknownModel
+        or NoEngineAvailable. Call `on_dispatch` right after, with no await in between, so
+        that two requests cannot both take a half-open engine's one trial."""
         now = self._clock()
         engines = [e for e in self.engines_of(model) if e.name not in exclude and e.routable(now)]
         if not engines:
@@ -302,7 +304,7 @@ class Fleet:
                     admitted=e.admitted,
                     draining=e.draining,
                     breaker=e.breaker.state(now).value,
-                    open_until=e.breaker.open_until(),
+                    cooldown_left=e.breaker.cooldown_left(now),
                     requests=e.requests,
                     prefilling=e.prefilling,
                     tokens=e.tokens,

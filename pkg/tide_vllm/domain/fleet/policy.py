@@ -100,27 +100,30 @@ class PrefixAffinity:
     """Sends a request where its prefix is cached, unless that engine is clearly overloaded.
 
     The idea of vllm-router's (and SGLang's) `cache_aware` policy, with the load bound applied
-    to the engine about to be chosen rather than to the whole fleet: an engine is overloaded
-    when it has more than `balance_abs` requests in flight above the least loaded candidate
-    *and* more than `balance_rel` times as many. A match is good when it covers at least
-    `min_match` of the request's blocks. In order:
+    to each engine it is about to choose rather than to the whole fleet. An engine is
+    overloaded when its pressure (requests in flight, plus those vLLM reports waiting, which
+    may come from elsewhere) exceeds the lowest pressure among the candidates by more than
+    `balance_abs` *and* is more than `balance_rel` times it. A match is good when it covers at
+    least `min_match` of the request's blocks. In order:
 
     1. the session's engine, if the request has one and it is not overloaded (sticky);
     2. among the engines with a good match, the longest match (the less loaded on a tie) that
-       is not overloaded (affinity); a hot prefix thereby spreads over the engines that the
-       load bound sends it to, as each of them comes to hold it too;
-    3. the least loaded engine: "load" if good matches were all overloaded, else "fallback".
+       is not overloaded (affinity); a hot prefix thereby spreads over the engines the bound
+       sends it to, as each of them comes to hold it too;
+    3. the least loaded engine: "load" if the good matches were all overloaded, else
+       "fallback".
 
-    `cache_aware` checks the fleet's spread (max - min) before looking at matches, with a
-    default bound of 64 requests; per candidate, a hot prefix cannot pile onto one engine
-    while the others idle, and a bound in units of a few requests suits a gateway in front
-    of a handful of engines.
+    `cache_aware` looks at the fleet's spread (max - min > 64 and max > 1.5 x min) before it
+    looks at matches: a hot prefix piles onto one engine until the spread passes 64 requests.
+    Bounding each candidate by 8 requests and 1.5x keeps its hit rate and its time to first
+    token on the simulation in tests/unit/test_fleet_simulation.py, with a p95 latency a
+    quarter lower; a tighter bound diverts conversations from their cache for little gain.
     """
 
     name = "prefix"
 
     def __init__(
-        self, *, min_match: float = 0.3, balance_abs: int = 8, balance_rel: float = 1.5
+        self, *, min_match: float = 0.3, balance_abs: float = 8, balance_rel: float = 1.5
     ) -> None:
         if not 0.0 <= min_match <= 1.0:
             raise ValueError("min_match must be between 0 and 1")
@@ -131,16 +134,18 @@ class PrefixAffinity:
         self.balance_rel = balance_rel
         self._rotation = _Rotation()
 
-    def overloaded(self, candidate: Candidate, least: Candidate) -> bool:
-        load, floor = candidate.load.requests, least.load.requests
-        return load - floor > self.balance_abs and load > self.balance_rel * floor
+    def overloaded(self, candidate: Candidate, floor: float) -> bool:
+        """Whether `candidate` is clearly more loaded than the `floor` pressure."""
+        pressure = candidate.load.pressure
+        return pressure - floor > self.balance_abs and pressure > self.balance_rel * floor
 
     def choose(self, query: Query) -> Choice:
         candidates = query.candidates
         least = _least_loaded(candidates, self._rotation.next(query.model))
+        floor = min(c.load.pressure for c in candidates)
         if query.sticky is not None:
             for c in candidates:
-                if c.name == query.sticky and not self.overloaded(c, least):
+                if c.name == query.sticky and not self.overloaded(c, floor):
                     return Choice(c.name, Reason.STICKY)
         total = query.total_blocks
         good = [c for c in candidates if c.matched and c.matched >= self.min_match * total]
@@ -148,7 +153,7 @@ class PrefixAffinity:
             return Choice(least.name, Reason.FALLBACK)
         good.sort(key=lambda c: (-c.matched, c.load.key))
         for c in good:
-            if not self.overloaded(c, least):
+            if not self.overloaded(c, floor):
                 return Choice(c.name, Reason.AFFINITY)
         return Choice(least.name, Reason.LOAD)
 

@@ -12,7 +12,7 @@ import itertools
 import json
 import math
 import struct
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +31,12 @@ _PART = "\x1d"
 
 
 def _canonical(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
+    try:
+        return json.dumps(
+            value, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str
+        )
+    except (RecursionError, TypeError, ValueError):  # absurd nesting, or keys of mixed types
+        return "\x00"
 
 
 def _render_content(content: Any, out: list[str]) -> None:
@@ -56,13 +61,15 @@ def _render_content(content: Any, out: list[str]) -> None:
         out.append(part if isinstance(part, str) else _canonical(part))
 
 
-def render_chat(messages: Iterable[Any], tools: Any = None) -> bytes:
+def render_chat(messages: Any, tools: Any = None) -> bytes:
     """The conversation as one canonical byte string: the tools first (chat templates put them
     at the head of the prompt), then every message in order, its role and its content with the
     parts flattened, then its other fields (tool calls, name, tool_call_id) in key order."""
     out: list[str] = []
     if tools:
         out += [_MESSAGE, "tools", _FIELD, _canonical(tools)]
+    if not isinstance(messages, (list, tuple)):  # vLLM will refuse it; routing need not
+        messages = [messages]
     for message in messages:
         out.append(_MESSAGE)
         if not isinstance(message, Mapping):
@@ -118,7 +125,7 @@ class RequestFeatures:
     @classmethod
     def of_chat(
         cls,
-        messages: Iterable[Any],
+        messages: Any,
         *,
         tools: Any = None,
         session_id: str | None = None,
