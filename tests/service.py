@@ -100,3 +100,23 @@ def fake_vllm_config(mode: str = "", web: dict | None = None, **vllm: object) ->
             **vllm,
         },
     }
+
+
+def fake_fleet_config(
+    modes: dict[str, str], web: dict | None = None, pid_dir: Path | None = None, **vllm: object
+) -> dict:
+    """A configuration with `engines:`, one auto-started fake vLLM per name, each on its own
+    port with its own FAKE_VLLM_MODE; `vllm` holds what they share (model, command, …)."""
+    from tests.helpers import free_port
+
+    config = fake_vllm_config("", web, **vllm)
+    config["engines"] = [
+        {
+            "name": name,
+            "port": free_port(),
+            "env": {"FAKE_VLLM_MODE": mode},
+            **({"pid_file": str(pid_dir / f"{name}.pid")} if pid_dir else {}),
+        }
+        for name, mode in modes.items()
+    ]
+    return config

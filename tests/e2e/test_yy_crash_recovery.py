@@ -14,7 +14,7 @@ import pytest
 
 from tests.helpers import alive, descendants
 from tests.helpers import command_line as cmdline
-from tide_vllm_cmd.app.options.options import VLLM_SERVER_MODULE
+from tide_vllm.infrastructure.vllm.supervisor import VLLM_SERVER_MODULE
 
 pytestmark = pytest.mark.e2e
 

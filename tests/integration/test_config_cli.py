@@ -78,6 +78,15 @@ def test_a_yaml_syntax_error_gives_its_line(tmp_path):
         ("web:\n  bind_address:\n    port: -1\n", ["web.bind_address.port:"]),
         ('vllm:\n  api_key: "sk-1\\nx-evil: 1"\n', ["vllm.api_key:", "line breaks"]),
         ("colour: blue\n", ["colour: unknown key"]),
+        ("engines:\n  - name: a\n    port: 70000\n", ["engines[0].port:", "65535"]),
+        (
+            "engines:\n  - {name: a, port: 8001}\n  - {name: a, port: 8002}\n",
+            ["engines[1].name: 'a' is also the name of engines[0]"],
+        ),
+        (
+            "engines:\n  - {name: a, port: 8001}\n  - {name: b, port: 8001}\n",
+            ["engines[1].port:", "'a' (engines[0]) and 'b' would both listen on 0.0.0.0:8001"],
+        ),
         ("- a list\n", ["top level must be a mapping"]),
     ],
 )

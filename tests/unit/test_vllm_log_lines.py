@@ -10,14 +10,14 @@ import logging
 
 import pytest
 
-from tide_vllm_cmd.app.options.plugin_logs import JsonFormatter, RequestIdFilter, TextFormatter
-from tide_vllm_cmd.app.options.plugin_vllm import (
+from tide_vllm.infrastructure.vllm.vllm_log import (
     OutputLevels,
     StartupProgress,
     VLLMLine,
     output_line,
     parse_vllm_line,
 )
+from tide_vllm_cmd.app.options.plugin_logs import JsonFormatter, RequestIdFilter, TextFormatter
 
 INFO, WARNING, ERROR = logging.INFO, logging.WARNING, logging.ERROR
 

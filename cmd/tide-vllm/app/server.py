@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from tide_vllm.domain.chat.repository import EngineMonitor
+from tide_vllm.infrastructure.vllm.fleet import ModelMonitor
 
-from .options.options import Config, ConfigError
+from .options.options import Config, ConfigError, EngineConfig
 from .options.plugin_config import ConfigPlugin
 from .options.plugin_logs import LogsPlugin
 from .options.plugin_vllm import VLLMPlugin, VLLMStartError
@@ -37,7 +38,11 @@ class Context:
 
     config_path: Path
     config: Config = field(default_factory=Config)
-    monitor: EngineMonitor | None = None
+    monitor: EngineMonitor | None = None  # the first engine's, for the web layer
+    # Every engine by name (tide_vllm.infrastructure.vllm.fleet: models_ready(engines)), and
+    # its effective settings (vllm: overlaid with its entry; api_key: the key to send it).
+    engines: dict[str, ModelMonitor] = field(default_factory=dict)
+    engine_configs: dict[str, EngineConfig] = field(default_factory=dict)
     upstream_api_key: str | None = None  # the key tide-vllm gave the vLLM it started
     exit_code: int = EXIT_OK
     stopping: asyncio.Event = field(default_factory=asyncio.Event)

