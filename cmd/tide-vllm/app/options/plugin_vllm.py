@@ -76,6 +76,14 @@ class VLLMPlugin:
         if named:
             # Until the web layer routes across the fleet, it serves the first engine.
             ctx.config = config.model_copy(update={"vllm": first})
+            if len(fleet) > 1:
+                log.warning(
+                    "engines: %d engines are supervised, but requests are not yet routed "
+                    "across them: every request goes to engine %s (routing.policy is not "
+                    "applied yet)",
+                    len(fleet),
+                    first.name,
+                )
         if first.enabled:
             ctx.upstream_api_key = first.api_key if first.auto_start else None
         main = monitors[first.name]
