@@ -54,7 +54,8 @@ class TextFormatter(logging.Formatter):
         return f"{self._stamp},{int((created - second) * 1000):03d}"
 
 
-# A line of vLLM's output carries its parts (plugin_vllm.VLLMLine.fields): in JSON, vLLM's
+# A line of vLLM's output carries its parts (infrastructure/vllm/vllm_log.py, VLLMLine.fields):
+# in JSON, vLLM's
 # message alone is the message, and where vLLM said it and which of its processes said it are
 # keys of their own; the record's level is vLLM's.
 _VLLM_FIELDS = {"vllm_source": "source", "vllm_process": "process", "vllm_pid": "pid"}

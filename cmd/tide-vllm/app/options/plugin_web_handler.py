@@ -20,6 +20,7 @@ from starlette.types import ASGIApp
 
 from tide_vllm.domain.chat.factory import ChatDefaults
 from tide_vllm.domain.chat.repository import EngineMonitor
+from tide_vllm.infrastructure.vllm.processes import command_line, listening_pids
 from tide_vllm.provider.provider import ProviderSettings, open_provider
 from web.gateway import ApiKeys, GatewayMiddleware, Lifecycle
 from web.metrics import Metrics
@@ -29,7 +30,6 @@ from web.modules.tidevllm.errors import install_error_handlers
 from web.modules.tidevllm.relay import RelayEndpoint
 
 from .options import Config, WebConfig
-from .processes import command_line, listening_pids
 from .workers import WorkerPool
 
 log = logging.getLogger("tide_vllm.web")
