@@ -15,10 +15,11 @@ traceback.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 import orjson
@@ -40,6 +41,7 @@ from .errors import (
     error_body,
     openai_error_body,
     param_and_kind,
+    rejection_headers,
     status_of,
 )
 from .schemas import TideChatRequest, TideChatResponse, usage_body
@@ -105,35 +107,18 @@ class ChatEndpoint:
             app = self.application
             if app is None:
                 raise RuntimeError("the chat endpoint was called before the app started")
-            try:
-                async with asyncio.timeout(self.body_timeout):
-                    body = await exchange.read_json_object(self.max_body_bytes)
-            except TimeoutError:
-                raise RequestRejected(
-                    408, "body", f"not complete within web.body_timeout={self.body_timeout:g}s"
-                ) from None
+            body = await within_body_timeout(
+                self.body_timeout, exchange.read_json_object(self.max_body_bytes)
+            )
             # A body with `messages` is OpenAI's request on every chat path, whatever else it
             # holds; only one with no `messages` is the spec's.
             has_messages = "messages" in body
             state["shape"] = OPENAI_SHAPE if has_messages else TIDE_SHAPE
-            # A slot is taken only once the body is in: clients trickling their bodies hold
-            # connections, not chat slots.
-            lifecycle = self.lifecycle
-            if lifecycle.chats_in_flight >= self.max_chats:
-                message = (
-                    f"too many requests in flight (web.max_concurrent_requests="
-                    f"{self.max_chats}); retry shortly"
-                )
-                await self._error(exchange, 429, message, None, None, [(b"retry-after", b"1")])
-                return
-            lifecycle.chats_in_flight += 1
-            try:
+            with request_slot(self.lifecycle, self.max_chats):
                 if has_messages:
                     await self._openai_chat(exchange, app, body)
                 else:
                     await self._tide_chat(exchange, app, body)
-            finally:
-                lifecycle.chats_in_flight -= 1
         except ClientDisconnected:
             if not exchange.started:
                 await exchange.respond(CLIENT_CLOSED_REQUEST, b"")
@@ -144,10 +129,8 @@ class ChatEndpoint:
                 errors_log.warning("POST %s -> %d: %s", scope["path"], status, exc.message)
             await self._error(exchange, status, exc.message, *param_and_kind(exc))
         except RequestRejected as exc:
-            extra = [(b"allow", b"POST")] if exc.status == 405 else []
-            if exc.status == 408:
-                extra.append((b"connection", b"close"))
             message = f"{exc.param}: {exc.message}"
+            extra = rejection_headers(exc.status)
             await self._error(exchange, exc.status, message, exc.param, None, extra)
         except Exception:
             errors_log.exception("unexpected error on %s %s", scope["method"], scope["path"])
@@ -281,6 +264,35 @@ class ChatEndpoint:
             await send({"type": "http.response.body", "body": b"" if render is None else DONE})
         finally:
             await events.aclose()  # type: ignore[attr-defined]
+
+
+async def within_body_timeout(timeout: float, read: Awaitable[T]) -> T:
+    """A request body's read, bounded by `web.body_timeout`: 408 after it."""
+    try:
+        async with asyncio.timeout(timeout):
+            return await read
+    except TimeoutError:
+        raise RequestRejected(
+            408, "body", f"not complete within web.body_timeout={timeout:g}s"
+        ) from None
+
+
+@contextlib.contextmanager
+def request_slot(lifecycle: Lifecycle, limit: int) -> Iterator[None]:
+    """One of `web.max_concurrent_requests` slots for the request's work (429 when none is
+    free), taken once its body is in: clients trickling their bodies hold connections, not
+    slots."""
+    if lifecycle.chats_in_flight >= limit:
+        raise RequestRejected(
+            429,
+            "web.max_concurrent_requests",
+            f"too many requests in flight (web.max_concurrent_requests={limit}); retry shortly",
+        )
+    lifecycle.chats_in_flight += 1
+    try:
+        yield
+    finally:
+        lifecycle.chats_in_flight -= 1
 
 
 class _Exchange:

@@ -48,6 +48,18 @@ class RequestRejected(Exception):
         self.status, self.param, self.message = status, param, message
 
 
+# Headers that go with a refusal before a request is read as a chat or relayed.
+_REJECTION_HEADERS: dict[int, list[tuple[bytes, bytes]]] = {
+    405: [(b"allow", b"POST")],
+    408: [(b"connection", b"close")],  # what is left of the body is not read
+    429: [(b"retry-after", b"1")],
+}
+
+
+def rejection_headers(status: int) -> list[tuple[bytes, bytes]]:
+    return list(_REJECTION_HEADERS.get(status, ()))
+
+
 def status_of(exc: ChatError) -> int:
     if isinstance(exc, InvalidChatRequest):
         return 400

@@ -25,7 +25,7 @@ from tide_vllm.domain.chat.repository import RelayAnswer
 from web.gateway import Lifecycle
 from web.metrics import Metrics
 
-from .chat import _Exchange, _Watchdog
+from .chat import _Exchange, _Watchdog, request_slot, within_body_timeout
 from .errors import (
     CLIENT_CLOSED_REQUEST,
     OPENAI_SHAPE,
@@ -34,6 +34,7 @@ from .errors import (
     count_upstream_error,
     error_body,
     param_and_kind,
+    rejection_headers,
     status_of,
 )
 
@@ -85,26 +86,11 @@ class RelayEndpoint:
             app = self.application
             if app is None:
                 raise RuntimeError("the relay was called before the app started")
-            try:
-                async with asyncio.timeout(self.body_timeout):
-                    body = await exchange.read_body(self.max_body_bytes)
-            except TimeoutError:
-                raise RequestRejected(
-                    408, "body", f"not complete within web.body_timeout={self.body_timeout:g}s"
-                ) from None
-            lifecycle = self.lifecycle
-            if lifecycle.chats_in_flight >= self.max_requests:
-                message = (
-                    f"too many requests in flight (web.max_concurrent_requests="
-                    f"{self.max_requests}); retry shortly"
-                )
-                await self._error(exchange, 429, message, None, None, [(b"retry-after", b"1")])
-                return
-            lifecycle.chats_in_flight += 1
-            try:
+            body = await within_body_timeout(
+                self.body_timeout, exchange.read_body(self.max_body_bytes)
+            )
+            with request_slot(self.lifecycle, self.max_requests):
                 await exchange.until_disconnect(self._relay(exchange, app, body))
-            finally:
-                lifecycle.chats_in_flight -= 1
         except ClientDisconnected:
             if not exchange.started:
                 await exchange.respond(CLIENT_CLOSED_REQUEST, b"")
@@ -115,10 +101,9 @@ class RelayEndpoint:
                 log.warning("%s %s -> %d: %s", scope["method"], scope["path"], status, exc.message)
             await self._error(exchange, status, exc.message, *param_and_kind(exc))
         except RequestRejected as exc:
-            extra = [(b"connection", b"close")] if exc.status == 408 else []
-            await self._error(
-                exchange, exc.status, f"{exc.param}: {exc.message}", exc.param, None, extra
-            )
+            message = f"{exc.param}: {exc.message}"
+            extra = rejection_headers(exc.status)
+            await self._error(exchange, exc.status, message, exc.param, None, extra)
         except Exception:
             log.exception("unexpected error on %s %s", scope["method"], scope["path"])
             await self._error(exchange, 500, "internal error in tide-vllm; see its log")
