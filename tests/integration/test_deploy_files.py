@@ -6,9 +6,9 @@ and the Dockerfiles pass hadolint and the checks below. No image is built here."
 from __future__ import annotations
 
 import configparser
+import platform
 import re
 import shutil
-import platform
 import subprocess
 import sys
 from pathlib import Path
