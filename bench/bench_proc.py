@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import select
+import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -329,3 +331,49 @@ def count_errors(log: Path) -> tuple[int, str]:
     except OSError:
         return 0, ""
     return len(lines), lines[0] if lines else ""
+
+
+def install_tool(
+    name: str,
+    venv: Path,
+    packages: list[str],
+    command: Path,
+    *,
+    stamp: Path,
+    timeout: float,
+    errors: list[str],
+) -> Path | None:
+    """A comparison tool (LiteLLM, vllm-router) installed into a venv of its own, made afresh:
+    the path of its `command`, or None, with one line printed and the reason in `errors`,
+    when it cannot be installed (no network): its phase is then skipped."""
+    shutil.rmtree(venv, ignore_errors=True)  # a half-made venv, or another version's
+    what = " ".join(packages)
+    print(f"{name}: installing {what} into {os.path.relpath(venv, BENCH_DIR.parent)} …", flush=True)
+    log_path = venv / "install.log"
+    started = time.monotonic()
+    try:
+        # sys.executable is the project's venv; `-m venv` from it builds on the same base Python.
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True,
+                       capture_output=True, timeout=120)  # fmt: skip
+        with log_path.open("wb") as log:
+            done = subprocess.run(
+                [str(venv / "bin" / "python"), "-m", "pip", "install", "--no-input",
+                 "--disable-pip-version-check", *packages],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                timeout=timeout,
+            )  # fmt: skip
+    except (OSError, subprocess.SubprocessError) as exc:
+        errors.append(str(exc))
+        print(f"{name}: could not install {what} ({exc}); its phase is skipped")
+        return None
+    seconds = time.monotonic() - started
+    if done.returncode != 0 or not command.exists():
+        last = log_tail(log_path, 1).strip()
+        errors.append(last)
+        print(f"{name}: could not install {what} after {seconds:.0f} s ({last[:200]}; "
+              f"see {log_path}); its phase is skipped")  # fmt: skip
+        return None
+    stamp.touch()
+    print(f"{name}: installed {what} in {seconds:.0f} s", flush=True)
+    return command

@@ -17,22 +17,19 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
-from bench_proc import BENCH_DIR, Server, StartError, free_port, log_tail
+from bench_proc import BENCH_DIR, Server, StartError, free_port, install_tool, log_tail
 
 LITELLM_VERSION = "1.108.7"
 REQUIREMENT = f"litellm[proxy]=={LITELLM_VERSION}"
 VENV = BENCH_DIR / ".venv-litellm"
 STAMP = VENV / f".installed-{LITELLM_VERSION}"
-INSTALL_LOG = VENV / "install.log"
 INSTALL_TIMEOUT = 900  # s
 
 # Nothing fetched at start, nothing sent anywhere, little logged.
@@ -71,36 +68,10 @@ def ensure_installed() -> Path | None:
 
 
 def _install() -> Path | None:
-    shutil.rmtree(VENV, ignore_errors=True)  # a half-made venv, or another version's
-    print(f"litellm: installing {REQUIREMENT} into {os.path.relpath(VENV, BENCH_DIR.parent)} …",
-          flush=True)  # fmt: skip
-    started = time.monotonic()
-    try:
-        # sys.executable is the project's venv; `-m venv` from it builds on the same base Python.
-        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True,
-                       capture_output=True, timeout=120)  # fmt: skip
-        with INSTALL_LOG.open("wb") as log:
-            done = subprocess.run(
-                [str(VENV / "bin" / "python"), "-m", "pip", "install", "--no-input",
-                 "--disable-pip-version-check", REQUIREMENT, "uvloop", "httptools"],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                timeout=INSTALL_TIMEOUT,
-            )  # fmt: skip
-    except (OSError, subprocess.SubprocessError) as exc:
-        install_error.append(str(exc))
-        print(f"litellm: could not install {REQUIREMENT} ({exc}); the litellm phase is skipped")
-        return None
-    seconds = time.monotonic() - started
-    if done.returncode != 0 or not litellm_bin().exists():
-        last = log_tail(INSTALL_LOG, 1).strip()
-        install_error.append(last)
-        print(f"litellm: could not install {REQUIREMENT} after {seconds:.0f} s ({last[:200]}; "
-              f"see {INSTALL_LOG}); the litellm phase is skipped")  # fmt: skip
-        return None
-    STAMP.touch()
-    print(f"litellm: installed {REQUIREMENT} in {seconds:.0f} s", flush=True)
-    return litellm_bin()
+    return install_tool(
+        "litellm", VENV, [REQUIREMENT, "uvloop", "httptools"], litellm_bin(),
+        stamp=STAMP, timeout=INSTALL_TIMEOUT, errors=install_error,
+    )  # fmt: skip
 
 
 # -- the proxy --------------------------------------------------------------------------------

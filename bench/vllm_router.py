@@ -16,14 +16,10 @@ retries nothing (a retried request would hide an error from the figures).
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
-import sys
-import time
 from pathlib import Path
 
-from bench_proc import BENCH_DIR, Server, free_port, log_tail
+from bench_proc import BENCH_DIR, Server, free_port, install_tool
 from litellm_proxy import stop_group, wait_answering
 
 ROUTER_VERSION = "0.1.17"
@@ -31,7 +27,6 @@ REQUIREMENT = f"vllm-router=={ROUTER_VERSION}"
 POLICY = "round_robin"
 VENV = BENCH_DIR / ".venv-router"
 STAMP = VENV / f".installed-{ROUTER_VERSION}"
-INSTALL_LOG = VENV / "install.log"
 INSTALL_TIMEOUT = 600  # s
 
 _installed: list[Path | None] = []  # memo: one attempt per run
@@ -64,37 +59,10 @@ def ensure_installed() -> Path | None:
 
 
 def _install() -> Path | None:
-    shutil.rmtree(VENV, ignore_errors=True)  # a half-made venv, or another version's
-    print(f"vllm-router: installing {REQUIREMENT} into {os.path.relpath(VENV, BENCH_DIR.parent)} …",
-          flush=True)  # fmt: skip
-    started = time.monotonic()
-    try:
-        # sys.executable is the project's venv; `-m venv` from it builds on the same base Python.
-        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True,
-                       capture_output=True, timeout=120)  # fmt: skip
-        with INSTALL_LOG.open("wb") as log:
-            done = subprocess.run(
-                [str(VENV / "bin" / "python"), "-m", "pip", "install", "--no-input",
-                 "--disable-pip-version-check", REQUIREMENT],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                timeout=INSTALL_TIMEOUT,
-            )  # fmt: skip
-    except (OSError, subprocess.SubprocessError) as exc:
-        install_error.append(str(exc))
-        print(f"vllm-router: could not install {REQUIREMENT} ({exc}); "
-              "the vllm_router phase is skipped")  # fmt: skip
-        return None
-    seconds = time.monotonic() - started
-    if done.returncode != 0 or not router_bin().exists():
-        last = log_tail(INSTALL_LOG, 1).strip()
-        install_error.append(last)
-        print(f"vllm-router: could not install {REQUIREMENT} after {seconds:.0f} s ({last[:200]}; "
-              f"see {INSTALL_LOG}); the vllm_router phase is skipped")  # fmt: skip
-        return None
-    STAMP.touch()
-    print(f"vllm-router: installed {REQUIREMENT} in {seconds:.0f} s", flush=True)
-    return router_bin()
+    return install_tool(
+        "vllm-router", VENV, [REQUIREMENT], router_bin(),
+        stamp=STAMP, timeout=INSTALL_TIMEOUT, errors=install_error,
+    )  # fmt: skip
 
 
 # -- the router -------------------------------------------------------------------------------

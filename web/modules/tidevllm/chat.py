@@ -69,10 +69,11 @@ log = logging.getLogger("tide_vllm.chat")
 errors_log = logging.getLogger("tide_vllm.web")
 
 
-class ChatEndpoint:
-    """ASGI app for the chat paths. `application` and `default_model` are set by the app's
-    lifespan; the request's `scope["state"]` (from the gateway) carries its id and collects
-    what the access log and the metrics report: shape, model, usage, time of the first token."""
+class Endpoint:
+    """What the chat and the relay endpoints share: the app they serve (`application`, set by
+    the app's lifespan), the limits a request meets before its work (`read_body`, `slot`), the
+    disconnect watchdog of the running loop, and one way from errors to answers, in the shape
+    the request noted (`scope["state"]["shape"]`), never a traceback."""
 
     def __init__(
         self,
@@ -82,43 +83,36 @@ class ChatEndpoint:
         max_body_bytes: int,
         max_concurrent_requests: int,
         body_timeout: float,
-        log_prompts: bool,
     ) -> None:
         self.metrics = metrics
         self.lifecycle = lifecycle
         self.max_body_bytes = max_body_bytes
-        self.max_chats = max_concurrent_requests
+        self.max_requests = max_concurrent_requests
         self.body_timeout = body_timeout
-        self.log_prompts = log_prompts
         self.application: Application | None = None
         self.default_model = ""
         self._watchdog: _Watchdog | None = None
 
+    async def handle(self, exchange: _Exchange, app: Application) -> None:
+        """The request's work; errors are the caller's to answer."""
+        raise NotImplementedError
+
+    async def read_body(self, read: Awaitable[T]) -> T:
+        return await within_body_timeout(self.body_timeout, read)
+
+    def slot(self) -> contextlib.AbstractContextManager[None]:
+        return request_slot(self.lifecycle, self.max_requests)
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        state: dict[str, Any] = scope["state"]
-        state["shape"] = CHAT_PATHS[scope["path"]]
         watchdog = self._watchdog
         if watchdog is None or watchdog.loop is not asyncio.get_running_loop():
             watchdog = self._watchdog = _Watchdog(asyncio.get_running_loop())
         exchange = _Exchange(scope, receive, send, watchdog)
         try:
-            if scope["method"] != "POST":
-                raise RequestRejected(405, "method", f"{scope['method']} is not allowed; use POST")
             app = self.application
             if app is None:
-                raise RuntimeError("the chat endpoint was called before the app started")
-            body = await within_body_timeout(
-                self.body_timeout, exchange.read_json_object(self.max_body_bytes)
-            )
-            # A body with `messages` is OpenAI's request on every chat path, whatever else it
-            # holds; only one with no `messages` is the spec's.
-            has_messages = "messages" in body
-            state["shape"] = OPENAI_SHAPE if has_messages else TIDE_SHAPE
-            with request_slot(self.lifecycle, self.max_chats):
-                if has_messages:
-                    await self._openai_chat(exchange, app, body)
-                else:
-                    await self._tide_chat(exchange, app, body)
+                raise RuntimeError(f"{type(self).__name__} was called before the app started")
+            await self.handle(exchange, app)
         except ClientDisconnected:
             if not exchange.started:
                 await exchange.respond(CLIENT_CLOSED_REQUEST, b"")
@@ -126,7 +120,9 @@ class ChatEndpoint:
             count_upstream_error(self.metrics, exc)
             status = status_of(exc)
             if status >= 500:
-                errors_log.warning("POST %s -> %d: %s", scope["path"], status, exc.message)
+                errors_log.warning(
+                    "%s %s -> %d: %s", scope["method"], scope["path"], status, exc.message
+                )
             await self._error(exchange, status, exc.message, *param_and_kind(exc))
         except RequestRejected as exc:
             message = f"{exc.param}: {exc.message}"
@@ -149,9 +145,51 @@ class ChatEndpoint:
             return
         state = exchange.state
         body = error_body(
-            state["shape"], status, message, param, kind, state["request_id"], self.default_model
-        )
+            state.get("shape"), status, message, param, kind, state["request_id"],
+            self.default_model,
+        )  # fmt: skip
         await exchange.respond(status, orjson.dumps(body), JSON, extra)
+
+
+class ChatEndpoint(Endpoint):
+    """ASGI app for the chat paths. `default_model` is set by the app's lifespan; the request's
+    `scope["state"]` (from the gateway) carries its id and collects what the access log and the
+    metrics report: shape, model, usage, time of the first token."""
+
+    def __init__(
+        self,
+        metrics: Metrics,
+        lifecycle: Lifecycle,
+        *,
+        max_body_bytes: int,
+        max_concurrent_requests: int,
+        body_timeout: float,
+        log_prompts: bool,
+    ) -> None:
+        super().__init__(
+            metrics,
+            lifecycle,
+            max_body_bytes=max_body_bytes,
+            max_concurrent_requests=max_concurrent_requests,
+            body_timeout=body_timeout,
+        )
+        self.log_prompts = log_prompts
+
+    async def handle(self, exchange: _Exchange, app: Application) -> None:
+        scope, state = exchange.scope, exchange.state
+        state["shape"] = CHAT_PATHS[scope["path"]]
+        if scope["method"] != "POST":
+            raise RequestRejected(405, "method", f"{scope['method']} is not allowed; use POST")
+        body = await self.read_body(exchange.read_json_object(self.max_body_bytes))
+        # A body with `messages` is OpenAI's request on every chat path, whatever else it
+        # holds; only one with no `messages` is the spec's.
+        has_messages = "messages" in body
+        state["shape"] = OPENAI_SHAPE if has_messages else TIDE_SHAPE
+        with self.slot():
+            if has_messages:
+                await self._openai_chat(exchange, app, body)
+            else:
+                await self._tide_chat(exchange, app, body)
 
     # -- the request ----------------------------------------------------------------------
     async def _openai_chat(

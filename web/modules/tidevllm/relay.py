@@ -12,33 +12,14 @@ event by event, anything else whole.
 
 from __future__ import annotations
 
-import asyncio
-import logging
-from typing import Any
-
 import orjson
-from starlette.types import Receive, Scope, Send
 
 from tide_vllm.application.application import Application
-from tide_vllm.domain.chat.entity import ChatError, RelayRequest
+from tide_vllm.domain.chat.entity import RelayRequest
 from tide_vllm.domain.chat.repository import RelayAnswer
-from web.gateway import Lifecycle
-from web.metrics import Metrics
 
-from .chat import _Exchange, _Watchdog, request_slot, within_body_timeout
-from .errors import (
-    CLIENT_CLOSED_REQUEST,
-    OPENAI_SHAPE,
-    ClientDisconnected,
-    RequestRejected,
-    count_upstream_error,
-    error_body,
-    param_and_kind,
-    rejection_headers,
-    status_of,
-)
-
-log = logging.getLogger("tide_vllm.web")
+from .chat import Endpoint, _Exchange
+from .errors import OPENAI_SHAPE
 
 # Headers of the caller's that do not go on to vLLM: hop-by-hop ones, the client's own
 # (the relay sets Host, Content-Length, Authorization and X-Request-Id), and Accept-Encoding
@@ -54,59 +35,14 @@ _NOT_FORWARDED = frozenset(
 _NOT_RELAYED = frozenset({b"server", b"date", b"content-length", b"x-request-id"})
 
 
-class RelayEndpoint:
-    """ASGI app for every path that is neither a chat path nor one of the service's own.
-    `application` is set by the app's lifespan."""
+class RelayEndpoint(Endpoint):
+    """ASGI app for every path that is neither a chat path nor one of the service's own."""
 
-    def __init__(
-        self,
-        metrics: Metrics,
-        lifecycle: Lifecycle,
-        *,
-        max_body_bytes: int,
-        max_concurrent_requests: int,
-        body_timeout: float,
-    ) -> None:
-        self.metrics = metrics
-        self.lifecycle = lifecycle
-        self.max_body_bytes = max_body_bytes
-        self.max_requests = max_concurrent_requests
-        self.body_timeout = body_timeout
-        self.application: Application | None = None
-        self._watchdog: _Watchdog | None = None
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        state: dict[str, Any] = scope["state"]
-        state["shape"] = OPENAI_SHAPE
-        watchdog = self._watchdog
-        if watchdog is None or watchdog.loop is not asyncio.get_running_loop():
-            watchdog = self._watchdog = _Watchdog(asyncio.get_running_loop())
-        exchange = _Exchange(scope, receive, send, watchdog)
-        try:
-            app = self.application
-            if app is None:
-                raise RuntimeError("the relay was called before the app started")
-            body = await within_body_timeout(
-                self.body_timeout, exchange.read_body(self.max_body_bytes)
-            )
-            with request_slot(self.lifecycle, self.max_requests):
-                await exchange.until_disconnect(self._relay(exchange, app, body))
-        except ClientDisconnected:
-            if not exchange.started:
-                await exchange.respond(CLIENT_CLOSED_REQUEST, b"")
-        except ChatError as exc:
-            count_upstream_error(self.metrics, exc)
-            status = status_of(exc)
-            if status >= 500:
-                log.warning("%s %s -> %d: %s", scope["method"], scope["path"], status, exc.message)
-            await self._error(exchange, status, exc.message, *param_and_kind(exc))
-        except RequestRejected as exc:
-            message = f"{exc.param}: {exc.message}"
-            extra = rejection_headers(exc.status)
-            await self._error(exchange, exc.status, message, exc.param, None, extra)
-        except Exception:
-            log.exception("unexpected error on %s %s", scope["method"], scope["path"])
-            await self._error(exchange, 500, "internal error in tide-vllm; see its log")
+    async def handle(self, exchange: _Exchange, app: Application) -> None:
+        exchange.state["shape"] = OPENAI_SHAPE
+        body = await self.read_body(exchange.read_body(self.max_body_bytes))
+        with self.slot():
+            await exchange.until_disconnect(self._relay(exchange, app, body))
 
     async def _relay(self, exchange: _Exchange, app: Application, body: bytes) -> None:
         scope = exchange.scope
@@ -145,20 +81,6 @@ class RelayEndpoint:
             await exchange.start(answer.status, headers)
         exchange.completed = True
         await exchange.send({"type": "http.response.body", "body": b""})
-
-    async def _error(
-        self,
-        exchange: _Exchange,
-        status: int,
-        message: str,
-        param: str | None = None,
-        kind: str | None = None,
-        extra: list[tuple[bytes, bytes]] | None = None,
-    ) -> None:
-        if exchange.started:
-            return  # a stream already under way is cut: its client sees the end
-        body = error_body(OPENAI_SHAPE, status, message, param, kind, None, "")
-        await exchange.respond(status, orjson.dumps(body), b"application/json", extra)
 
 
 def _usage_of(content: bytes) -> tuple[int, int] | None:
