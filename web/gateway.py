@@ -101,8 +101,13 @@ VLLM_ROUTES = frozenset(
      "/v1/chat/completions/render", "/v1/completions/render", "/v1/responses/render",
      "/v1/messages/render", "/inference/v1/generate", "/generative_scoring"}
 )  # fmt: skip
-KNOWN_ROUTES = frozenset({*OWN_PATHS, *CHAT_PATHS, *VLLM_ROUTES})
+KNOWN_ROUTES = frozenset({*OWN_PATHS, *CHAT_PATHS, *VLLM_ROUTES, "/admin/engines"})
+# Paths under it are the service's own too (the operators' API; FastAPI answers 404 for the
+# rest of it, never vLLM).
+ADMIN_PREFIX = "/admin/"
 _TEMPLATES = (
+    ("/admin/engines/", "/drain", "/admin/engines/{name}/drain"),
+    ("/admin/engines/", "/resume", "/admin/engines/{name}/resume"),
     ("/v1/responses/", "/cancel", "/v1/responses/{id}/cancel"),
     ("/v1/responses/", "", "/v1/responses/{id}"),
     ("/v1/models/", "", "/v1/models/{id}"),
@@ -217,7 +222,12 @@ class GatewayMiddleware:
         state["headers"] = headers
         token = REQUEST_ID.set(request_id)
         # The chat and relay endpoints add the id, take a slot and note the status themselves.
-        endpoint = self.chat if path in CHAT_PATHS else None if path in OWN_PATHS else self.relay
+        if path in CHAT_PATHS:
+            endpoint = self.chat
+        elif path in OWN_PATHS or path.startswith(ADMIN_PREFIX):
+            endpoint = None
+        else:
+            endpoint = self.relay
         status = 500
         lifecycle = self.lifecycle
         try:

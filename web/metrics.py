@@ -10,6 +10,12 @@ Names (documented in the README):
   tide_vllm_vllm_up                                     1 when vLLM serves the model, else 0
   tide_vllm_vllm_restarts_total                         restarts of vLLM by the supervisor
   tide_vllm_upstream_errors_total{kind}                 unavailable, timeout, rejected, failed
+  tide_vllm_engine_requests_total{engine}               requests dispatched to each engine
+  tide_vllm_engine_errors_total{engine}                 of those, failed by the engine
+  tide_vllm_engine_retries_total{engine}                failed before running, retried elsewhere
+  tide_vllm_engine_in_flight{engine}                    requests on each engine now
+  tide_vllm_routing_decisions_total{engine,reason}      affinity, sticky, load, fallback, …
+  tide_vllm_engine_up{engine}                           1 when the engine serves its model
 """
 
 from __future__ import annotations
@@ -45,18 +51,31 @@ COMPLETION_HELP = "Completion tokens"
 
 
 class _EngineCollector(Collector):
-    """vLLM's state, read when scraped rather than pushed on every change."""
+    """The engines' state, read when scraped rather than pushed on every change: `up()` says
+    whether every model has a ready engine, `engines()` gives each engine's name, whether it
+    serves, and its restarts."""
 
-    def __init__(self, up: Callable[[], bool], restarts: Callable[[], int]) -> None:
-        self.up, self.restarts = up, restarts
+    def __init__(
+        self, up: Callable[[], bool], engines: Callable[[], list[tuple[str, bool, int]]]
+    ) -> None:
+        self.up, self.engines = up, engines
 
     def collect(self) -> Iterator[Metric]:
+        engines = self.engines()
         yield GaugeMetricFamily(
-            "tide_vllm_vllm_up", "1 when vLLM serves the model, else 0", value=int(self.up())
+            "tide_vllm_vllm_up",
+            "1 when vLLM serves the model (with several engines: every model has a ready one)",
+            value=int(self.up()),
         )
         yield CounterMetricFamily(
-            "tide_vllm_vllm_restarts", "Restarts of vLLM by the supervisor", value=self.restarts()
+            "tide_vllm_vllm_restarts",
+            "Restarts of vLLM by the supervisor (all engines)",
+            value=sum(restarts for _, _, restarts in engines),
         )
+        up = GaugeMetricFamily("tide_vllm_engine_up", "1 when the engine serves", labels=["engine"])
+        for name, healthy, _ in engines:
+            up.add_metric([name], int(healthy))
+        yield up
 
 
 class _LocalCounts(Collector):
@@ -135,6 +154,66 @@ def _histogram(
             cumulative.append((bound, total))
         family.add_metric(list(key), cumulative, counts[-1])
     return family
+
+
+class EngineCounts:
+    """Per engine: the routing observer of the application (dispatch, retry, end). Labelled
+    children are looked up once per engine and reason."""
+
+    def __init__(self, r: CollectorRegistry) -> None:
+        self.requests = Counter(
+            "tide_vllm_engine_requests", "Requests dispatched to the engine", ["engine"], registry=r
+        )
+        self.errors = Counter(
+            "tide_vllm_engine_errors", "Requests the engine failed", ["engine"], registry=r
+        )
+        self.retries = Counter(
+            "tide_vllm_engine_retries",
+            "Requests the engine refused before running them, retried on another",
+            ["engine"],
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "tide_vllm_engine_in_flight",
+            "Requests on the engine now",
+            ["engine"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.decisions = Counter(
+            "tide_vllm_routing_decisions",
+            "Routing decisions by engine and reason",
+            ["engine", "reason"],
+            registry=r,
+        )
+        self._dispatch: dict[tuple[str, str], tuple[Any, Any, Any]] = {}
+        self._end: dict[str, tuple[Any, Any]] = {}
+
+    def dispatched(self, engine: str, reason: str) -> None:
+        children = self._dispatch.get((engine, reason))
+        if children is None:
+            children = self._dispatch[(engine, reason)] = (
+                self.requests.labels(engine),
+                self.decisions.labels(engine, reason),
+                self.in_flight.labels(engine),
+            )
+        children[0].inc()
+        children[1].inc()
+        children[2].inc()
+
+    def retried(self, engine: str) -> None:
+        self.retries.labels(engine).inc()
+
+    def ended(self, engine: str, failed: bool) -> None:
+        children = self._end.get(engine)
+        if children is None:
+            children = self._end[engine] = (
+                self.in_flight.labels(engine),
+                self.errors.labels(engine),
+            )
+        children[0].dec()
+        if failed:
+            children[1].inc()
 
 
 class _SharedCounts:
@@ -216,6 +295,7 @@ class Metrics:
         self.upstream_errors = Counter(
             "tide_vllm_upstream_errors", "Failed calls to vLLM by kind", ["kind"], registry=r
         )
+        self.engines = EngineCounts(r)
 
     def read_in_flight(self, count: Callable[[], int]) -> bool:
         """Let the in-flight gauge read `count` when scraped (nothing to do per request);
@@ -225,8 +305,10 @@ class Metrics:
         self.in_flight.set_function(count)
         return True
 
-    def watch_engine(self, up: Callable[[], bool], restarts: Callable[[], int]) -> None:
-        self._engine = _EngineCollector(up, restarts)
+    def watch_engines(
+        self, up: Callable[[], bool], engines: Callable[[], list[tuple[str, bool, int]]]
+    ) -> None:
+        self._engine = _EngineCollector(up, engines)
         self.registry.register(self._engine)
 
     def exposition(self) -> bytes:

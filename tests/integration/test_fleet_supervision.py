@@ -79,9 +79,9 @@ async def test_two_engines_start_in_parallel_each_with_its_own_lines(
         assert took < 3.5, f"two engines of 2 s each took {took:.1f}s: not in parallel"
         assert models_ready(ctx.engines) == {"fake-model": True}
         a, b = manager(ctx, "a"), manager(ctx, "b")
-        assert ctx.monitor is a  # the web layer serves the first engine for now
-        assert ctx.config.vllm == ctx.engine_configs["a"]
-        assert ctx.upstream_api_key == ctx.engine_configs["a"].api_key == a.api_key
+        assert ctx.engines["a"] is a and ctx.engines["b"] is b
+        assert ctx.engine_configs["a"].api_key == a.api_key
+        assert ctx.engine_configs["b"].api_key == b.api_key
         assert a.pid != b.pid
         assert set(pids_of(tmp_path, "a")) <= set(group_members(a.pid))
         assert set(pids_of(tmp_path, "b")) <= set(group_members(b.pid))

@@ -26,6 +26,15 @@ async def test_health_is_503_and_says_why_while_vllm_starts(harness):
         "status": "vLLM is starting (12s)",
         "vllm_healthy": False,
         "vllm_state": "starting",
+        "engines": [
+            {
+                "name": "default",
+                "model": "Qwen2.5-7B-Instruct",
+                "state": "starting",
+                "healthy": False,
+                "detail": "vLLM is starting (12s)",
+            }
+        ],
     }
 
 

@@ -2,7 +2,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from tide_vllm.application.chat_handler import ChatHandler
+from tide_vllm.application.chat_handler import ChatHandler as Handler
+from tide_vllm.application.engines import Engines, Upstream
 from tide_vllm.domain.chat.entity import (
     ChatDelta,
     ChatEntity,
@@ -64,6 +65,12 @@ class FixedMonitor:
 READY = EngineStatus(EngineState.READY, True, "healthy")
 
 
+def ChatHandler(repo: FakeRepository, factory: ChatFactory, monitor: FixedMonitor) -> Handler:  # noqa: N802
+    """The handler over a fleet of one engine."""
+    upstream = Upstream("default", DEFAULTS.model, repo, None, monitor)  # type: ignore[arg-type]
+    return Handler(Engines([upstream], default_model=DEFAULTS.model), factory)
+
+
 async def test_a_chat_is_answered_by_the_repository_with_its_request_id():
     repo = FakeRepository()
     factory = ChatFactory(DEFAULTS)
@@ -93,8 +100,11 @@ async def test_a_stream_yields_the_text_then_the_finish_reason_and_usage():
     assert deltas[-1].finish_reason == "stop" and deltas[-1].usage == Usage(3, 2, 5)
 
 
-def test_a_stream_is_refused_before_it_starts_while_vllm_is_down():
+async def test_a_stream_is_refused_before_it_starts_while_vllm_is_down():
     factory = ChatFactory(DEFAULTS)
     down = EngineStatus(EngineState.FAILED, False, "vLLM exited unexpectedly with code 9")
+    repo = FakeRepository()
+    stream = ChatHandler(repo, factory, FixedMonitor(down)).stream(factory.from_prompt("hi"))
     with pytest.raises(EngineUnavailable, match="code 9"):
-        ChatHandler(FakeRepository(), factory, FixedMonitor(down)).stream(factory.from_prompt("hi"))
+        await anext(stream)
+    assert repo.seen == []

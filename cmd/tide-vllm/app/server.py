@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from tide_vllm.domain.chat.repository import EngineMonitor
 from tide_vllm.infrastructure.vllm.fleet import ModelMonitor
 
 from .options.options import Config, ConfigError, EngineConfig
@@ -38,7 +37,6 @@ class Context:
 
     config_path: Path
     config: Config = field(default_factory=Config)
-    monitor: EngineMonitor | None = None  # the first engine's, for the web layer
     # Every engine by name (tide_vllm.infrastructure.vllm.fleet: models_ready(engines)), and
     # its effective settings (vllm: overlaid with its entry; api_key: the key to send it).
     engines: dict[str, ModelMonitor] = field(default_factory=dict)

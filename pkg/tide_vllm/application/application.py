@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tide_vllm.domain.chat.entity import EngineStatus
 from tide_vllm.domain.chat.factory import ChatFactory
-from tide_vllm.domain.chat.repository import EngineMonitor
 
 from .chat_handler import ChatHandler
+from .engines import Engines, FleetHealth
 from .relay_handler import RelayHandler
 
 
@@ -16,8 +15,9 @@ from .relay_handler import RelayHandler
 class Application:
     chat: ChatHandler
     factory: ChatFactory
-    monitor: EngineMonitor
+    engines: Engines
     relay: RelayHandler
 
-    async def health(self) -> EngineStatus:
-        return await self.monitor.check()
+    async def health(self) -> FleetHealth:
+        """A fresh status of every engine: healthy while every model has a ready one."""
+        return await self.engines.check()

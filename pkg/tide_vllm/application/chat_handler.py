@@ -1,53 +1,61 @@
-"""The chat use cases: check the engine can serve, then run the request."""
+"""The chat use cases: route the request to an engine of its model, then run it there."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from tide_vllm.domain.chat.entity import (
-    ChatDelta,
-    ChatEntity,
-    ChatResult,
-    EngineUnavailable,
-    OpenAIChat,
-)
+from tide_vllm.domain.chat.entity import ChatDelta, ChatEntity, ChatResult, OpenAIChat
 from tide_vllm.domain.chat.factory import ChatFactory
-from tide_vllm.domain.chat.repository import ChatRepository, EngineMonitor
+from tide_vllm.domain.fleet import RequestFeatures
+
+from .engines import Engines
 
 
 class ChatHandler:
-    def __init__(
-        self, repository: ChatRepository, factory: ChatFactory, monitor: EngineMonitor
-    ) -> None:
-        self.repository = repository
+    def __init__(self, engines: Engines, factory: ChatFactory) -> None:
+        self.engines = engines
         self.factory = factory
-        self.monitor = monitor
 
-    def ensure_engine(self) -> None:
-        """Fail at once with 503 semantics when vLLM certainly cannot answer."""
-        status = self.monitor.current()
-        if not status.accepts_requests:
-            raise EngineUnavailable(status.detail or f"vLLM is {status.state.value}")
+    def _tide_features(self, chat: ChatEntity, model: str) -> RequestFeatures:
+        def build() -> RequestFeatures:
+            messages = [{"role": m.role, "content": m.content} for m in chat.messages]
+            return RequestFeatures.of_chat(messages, session_id=chat.session_id)
+
+        return self.engines.features(model, build, chat.session_id)
+
+    def _openai_features(self, chat: OpenAIChat, model: str) -> RequestFeatures:
+        payload = chat.payload
+
+        def build() -> RequestFeatures:
+            return RequestFeatures.of_chat(
+                payload.get("messages"), tools=payload.get("tools"), session_id=chat.session_id
+            )
+
+        return self.engines.features(model, build, chat.session_id)
 
     async def handle(self, chat: ChatEntity) -> ChatResult:
-        self.ensure_engine()
-        return await self.repository.complete(chat)
+        model = self.engines.model_of(chat.model)
+        features = self._tide_features(chat, model)
+        return await self.engines.call(model, features, lambda u: u.chat.complete(chat))
 
     def stream(self, chat: ChatEntity) -> AsyncIterator[list[ChatDelta]]:
-        self.ensure_engine()
-        return self.repository.stream(chat)
+        model = self.engines.model_of(chat.model)
+        features = self._tide_features(chat, model)
+        return self.engines.stream(model, features, lambda u: u.chat.stream(chat))
 
     async def relay(self, chat: OpenAIChat) -> bytes:
-        self.ensure_engine()
-        return await self.repository.relay(chat)
+        model = self.engines.model_of(chat.model)
+        features = self._openai_features(chat, model)
+        return await self.engines.call(model, features, lambda u: u.chat.relay(chat))
 
     def relay_stream(self, chat: OpenAIChat) -> AsyncIterator[bytes]:
-        self.ensure_engine()
-        return self.repository.relay_stream(chat)
+        model = self.engines.model_of(chat.model)
+        features = self._openai_features(chat, model)
+        return self.engines.stream(model, features, lambda u: u.chat.relay_stream(chat))
 
     async def models(self) -> bytes:
-        self.ensure_engine()
-        return await self.repository.models()
+        return await self.engines.models()
 
-    async def engine_metrics(self) -> bytes:
-        return await self.repository.engine_metrics()
+    async def engine_metrics(self, engine: str | None = None) -> bytes:
+        """vLLM's own metrics, of the named engine (the first one by default)."""
+        return await self.engines.upstream(engine).chat.engine_metrics()

@@ -1,19 +1,57 @@
-"""The relay use case: every route of vLLM's API that the service does not serve itself goes to
-vLLM as it came, once vLLM can serve."""
+"""The relay use case: every route of vLLM's API that the service does not serve itself goes,
+as it came, to an engine of the model its body names (the default model when it names none)."""
 
 from __future__ import annotations
 
-from tide_vllm.domain.chat.entity import EngineUnavailable, RelayRequest
-from tide_vllm.domain.chat.repository import EngineMonitor, RelayAnswer, RelayRepository
+from typing import Any
+
+import orjson
+
+from tide_vllm.domain.chat.entity import RelayRequest
+from tide_vllm.domain.chat.repository import RelayAnswer
+from tide_vllm.domain.fleet import RequestFeatures
+
+from .engines import NO_FEATURES, Engines
+
+SESSION_HEADER = b"x-session-id"
 
 
 class RelayHandler:
-    def __init__(self, repository: RelayRepository, monitor: EngineMonitor) -> None:
-        self.repository = repository
-        self.monitor = monitor
+    def __init__(self, engines: Engines) -> None:
+        self.engines = engines
 
     async def open(self, request: RelayRequest) -> RelayAnswer:
-        status = self.monitor.current()
-        if not status.accepts_requests:
-            raise EngineUnavailable(status.detail or f"vLLM is {status.state.value}")
-        return await self.repository.open(request)
+        engines = self.engines
+        if engines.single is not None:  # nothing to choose: the body is not read
+            return await engines.relay(engines.single.model, NO_FEATURES, request)
+        body = _json_body(request)
+        model = engines.model_of(body.get("model"))
+        session = request.header(SESSION_HEADER)
+        session_id = session.decode("latin-1") if session else None
+
+        def build() -> RequestFeatures:
+            if "messages" in body:
+                return RequestFeatures.of_chat(
+                    body["messages"], tools=body.get("tools"), session_id=session_id
+                )
+            for key in ("prompt", "input", "text", "text_1", "query"):
+                if key in body:
+                    return RequestFeatures.of_prompt(body[key], session_id=session_id)
+            return RequestFeatures(session_id=session_id)
+
+        return await engines.relay(model, engines.features(model, build, session_id), request)
+
+
+def _json_body(request: RelayRequest) -> dict[str, Any]:
+    """The body, when it is a JSON object (what routing reads of it: `model`, the prompt);
+    anything else (a form with audio, no body) routes as the default model's."""
+    if not request.body:
+        return {}
+    content_type = request.header(b"content-type") or b""
+    if b"json" not in content_type.lower() and not request.body.lstrip().startswith(b"{"):
+        return {}
+    try:
+        body = orjson.loads(request.body)
+    except orjson.JSONDecodeError:
+        return {}
+    return body if isinstance(body, dict) else {}

@@ -203,7 +203,7 @@ class ChatEndpoint(Endpoint):
             if given:
                 state["request_id"] = given
                 REQUEST_ID.set(given)
-        chat = app.factory.from_openai(body, state["request_id"])
+        chat = app.factory.from_openai(body, state["request_id"], _session_of(state))
         state["model"] = chat.model
         if self.log_prompts:
             log.info("messages: %s", orjson.dumps(body.get("messages")).decode())
@@ -233,6 +233,7 @@ class ChatEndpoint(Endpoint):
             max_tokens=tide.max_tokens,
             temperature=tide.temperature,
             top_p=tide.top_p,
+            session_id=_session_of(state),
         )
         state["model"] = chat.model
         if self.log_prompts:
@@ -481,6 +482,12 @@ class _Watchdog:
             exchange._start_watching(task)
         if running:
             self._timer = self.loop.call_later(WATCH_AFTER / 2, self._tick)
+
+
+def _session_of(state: dict[str, Any]) -> str | None:
+    """`X-Session-Id`: the caller's hint that requests belong to one conversation."""
+    session = state["headers"].get(b"x-session-id")
+    return session.decode("latin-1") if session else None
 
 
 def _usage_of(raw: bytes) -> tuple[int, int] | None:

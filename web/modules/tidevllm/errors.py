@@ -24,7 +24,9 @@ from tide_vllm.domain.chat.entity import (
     EngineTimeout,
     EngineUnavailable,
     InvalidChatRequest,
+    ModelNotFound,
 )
+from tide_vllm.domain.fleet import UnknownEngine
 from web.metrics import Metrics
 
 from .schemas import TideChatResponse
@@ -63,6 +65,8 @@ def rejection_headers(status: int) -> list[tuple[bytes, bytes]]:
 def status_of(exc: ChatError) -> int:
     if isinstance(exc, InvalidChatRequest):
         return 400
+    if isinstance(exc, ModelNotFound):
+        return 404
     if isinstance(exc, EngineUnavailable):
         return 503
     if isinstance(exc, EngineTimeout):
@@ -88,6 +92,8 @@ def _openai_type(status: int) -> str:
 
 def param_and_kind(exc: ChatError) -> tuple[str | None, str | None]:
     """The field an error is about, and vLLM's own error type when it rejected the request."""
+    if isinstance(exc, ModelNotFound):
+        return "model", "NotFoundError"  # as vLLM says it
     param = exc.field if isinstance(exc, InvalidChatRequest) else getattr(exc, "param", None)
     kind = exc.kind if isinstance(exc, EngineRejected) else None
     return param, kind
@@ -179,6 +185,11 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(request, exc.status_code, str(exc.detail))
 
 
+async def _unknown_engine(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, UnknownEngine)
+    return error_response(request, 404, f"no engine is named {exc.name!r}", param="name")
+
+
 async def _client_disconnected(request: Request, exc: Exception) -> Response:
     return Response(status_code=CLIENT_CLOSED_REQUEST)
 
@@ -190,6 +201,7 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ChatError, _chat_error)
+    app.add_exception_handler(UnknownEngine, _unknown_engine)
     app.add_exception_handler(ClientDisconnect, _client_disconnected)  # left mid-body
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)

@@ -76,10 +76,22 @@ class TideChatResponse(BaseModel):
         )
 
 
+class EngineHealth(BaseModel):
+    name: str
+    model: str
+    state: str = Field(description="starting, ready, restarting, failed, draining, …")
+    healthy: bool
+    detail: str
+
+
 class HealthResponse(BaseModel):
     status: str = Field(description='"healthy", or why vLLM is not ready.')
-    vllm_healthy: bool
-    vllm_state: str = Field(description="starting, ready, unhealthy, failed, external, …")
+    vllm_healthy: bool = Field(description="Every model has a ready engine.")
+    vllm_state: str = Field(
+        description="starting, ready, unhealthy, failed, external, … (the engine's, for one "
+        "engine; ready or degraded for several)"
+    )
+    engines: list[EngineHealth] = Field(default_factory=list)
 
 
 def usage_body(u: Usage) -> dict[str, int]:

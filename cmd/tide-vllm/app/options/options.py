@@ -346,6 +346,13 @@ class Config(_Section):
                     f"{engine.name!r} is also the name of {other.config_key}; each engine "
                     "needs a name of its own",
                 )
+        if self.engines is not None and all(e.model_name != self.vllm.model_name for e in fleet):
+            served = ", ".join(sorted({e.model_name for e in fleet}))
+            raise _fleet_error(
+                "vllm.model_name",
+                f"{self.vllm.model_name!r} is served by no engine (they serve {served}); "
+                "requests that name no model, Tide requests among them, go to it",
+            )
         started = [e for e in fleet if e.enabled and e.auto_start]
         web = self.web.bind_address
         for i, engine in enumerate(started):

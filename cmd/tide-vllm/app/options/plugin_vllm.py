@@ -27,9 +27,8 @@ log = logging.getLogger("tide_vllm.supervisor")
 
 class VLLMPlugin:
     """Auto-started engines are started and supervised; external ones are probed; disabled
-    ones answer 503. The context gets every engine (`ctx.engines`, `ctx.engine_configs`) and,
-    for the web layer, the first engine's monitor as `ctx.monitor` (None for an external one:
-    the web layer probes it itself, as in manual mode)."""
+    ones answer 503. The context gets every engine's monitor and effective settings
+    (`ctx.engines`, `ctx.engine_configs`), which the web layer routes across."""
 
     name = "vllm"
 
@@ -73,22 +72,8 @@ class VLLMPlugin:
         ctx.engines, ctx.engine_configs = monitors, configs
 
         first = configs[fleet[0].name]
-        if named:
-            # Until the web layer routes across the fleet, it serves the first engine.
-            ctx.config = config.model_copy(update={"vllm": first})
-            if len(fleet) > 1:
-                log.warning(
-                    "engines: %d engines are supervised, but requests are not yet routed "
-                    "across them: every request goes to engine %s (routing.policy is not "
-                    "applied yet)",
-                    len(fleet),
-                    first.name,
-                )
-        if first.enabled:
+        if first.enabled and not named:
             ctx.upstream_api_key = first.api_key if first.auto_start else None
-        main = monitors[first.name]
-        if not isinstance(main, ExternalEngine):
-            ctx.monitor = main
 
     async def stop(self, ctx: Any) -> None:
         if self.fleet is not None:

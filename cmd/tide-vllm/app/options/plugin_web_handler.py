@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import gc
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
 import httpx
@@ -18,10 +18,11 @@ from granian.server.embed import Server
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp
 
+from tide_vllm.application.engines import DrainStore
 from tide_vllm.domain.chat.factory import ChatDefaults
 from tide_vllm.domain.chat.repository import EngineMonitor
 from tide_vllm.infrastructure.vllm.processes import command_line, listening_pids
-from tide_vllm.provider.provider import ProviderSettings, open_provider
+from tide_vllm.provider.provider import EngineSettings, ProviderSettings, open_provider
 from web.gateway import ApiKeys, GatewayMiddleware, Lifecycle
 from web.metrics import Metrics
 from web.modules.tidevllm.chat import ChatEndpoint, openapi_components, openapi_paths
@@ -29,19 +30,41 @@ from web.modules.tidevllm.controller import router
 from web.modules.tidevllm.errors import install_error_handlers
 from web.modules.tidevllm.relay import RelayEndpoint
 
-from .options import Config, WebConfig
+from .options import Config, EngineConfig, WebConfig
 from .workers import WorkerPool
 
 log = logging.getLogger("tide_vllm.web")
 
 
-def provider_settings(config: Config, upstream_api_key: str | None = None) -> ProviderSettings:
+def provider_settings(
+    config: Config,
+    upstream_api_key: str | None = None,
+    engine_configs: Mapping[str, EngineConfig] | None = None,
+) -> ProviderSettings:
+    """The provider's settings. With `engines:`, each engine as the vLLM plugin left it
+    (`engine_configs`: an auto-started one carries the key tide-vllm gave it)."""
     v = config.vllm
+    engines: tuple[EngineSettings, ...] = ()
+    if config.engines is not None:
+        known = engine_configs or {}
+        engines = tuple(
+            EngineSettings(
+                name=entry.name,
+                model=entry.model_name,
+                base_url=entry.base_url,
+                api_key=known.get(entry.name, entry).api_key,
+                auto_start=entry.auto_start,
+                health_interval=entry.health_interval,
+            )
+            for entry in config.engines
+        )
     return ProviderSettings(
         base_url=v.base_url,
         timeout=v.timeout,
         api_key=upstream_api_key or v.api_key,
         pool_size=config.web.max_concurrent_requests + 16,  # chats, plus probes and models
+        engines=engines,
+        policy=config.routing.policy,
         defaults=ChatDefaults(
             model=v.model_name,
             system_prompt=config.chat.system_prompt,
@@ -63,6 +86,8 @@ def build_app(
     cors_origins: Sequence[str] = (),
     log_prompts: bool = False,
     body_timeout: float = 30.0,
+    monitors: Mapping[str, EngineMonitor] | None = None,
+    drains: DrainStore | None = None,
 ) -> FastAPI:
     """The ASGI app; its lifespan opens the provider (and its shared HTTP client).
 
@@ -90,18 +115,30 @@ def build_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with open_provider(settings, monitor, transport) as provider:
+        async with open_provider(
+            settings,
+            monitor,
+            transport,
+            monitors=monitors,
+            observer=metrics.engines,
+            drains=drains,
+        ) as provider:
             app.state.provider = provider
             chat.application = relay.application = provider.application
             chat.default_model = settings.defaults.model
-            engine = provider.application.monitor
-            metrics.watch_engine(
-                up=lambda: engine.current().healthy,
-                restarts=lambda: getattr(engine, "total_restarts", 0),
+            engines = provider.application.engines
+            metrics.watch_engines(
+                up=lambda: engines.health().healthy,
+                engines=lambda: [(v.name, v.healthy, v.restarts) for v in engines.views()],
             )
+            watcher = asyncio.get_running_loop().create_task(engines.watch(), name="engines")
             started.set()
-            yield
-            chat.application = relay.application = None
+            try:
+                yield
+            finally:
+                watcher.cancel()
+                await asyncio.gather(watcher, return_exceptions=True)
+                chat.application = relay.application = None
 
     app = FastAPI(
         title="tide-vllm",
@@ -152,18 +189,26 @@ def _document_chat(app: FastAPI) -> None:
 
 
 def build_app_for(
-    config: Config, monitor: EngineMonitor | None, upstream_api_key: str | None
+    config: Config,
+    monitors: Mapping[str, EngineMonitor] | None,
+    upstream_api_key: str | None,
+    engine_configs: Mapping[str, EngineConfig] | None = None,
+    *,
+    drains: DrainStore | None = None,
 ) -> FastAPI:
+    """The app for `config`: `monitors` are the engines' monitors by name (an engine without
+    one is probed by the app), `engine_configs` the engines as the vLLM plugin left them."""
     web = config.web
     return build_app(
-        provider_settings(config, upstream_api_key),
-        monitor,
+        provider_settings(config, upstream_api_key, engine_configs),
         max_body_bytes=web.max_body_bytes,
         max_concurrent_requests=web.max_concurrent_requests,
         api_keys=config.auth.api_keys,
         cors_origins=web.cors_origins,
         log_prompts=config.log.log_prompts,
         body_timeout=web.body_timeout,
+        monitors=monitors,
+        drains=drains,
     )
 
 
@@ -285,10 +330,10 @@ class WebHandlerPlugin:
                 f"web.bind_address.port {web.bind_address.port} is already in use by {taken}"
             )
         if web.workers > 1:
-            self.pool = WorkerPool(config, ctx.upstream_api_key, ctx.monitor)
+            self.pool = WorkerPool(config, ctx.upstream_api_key, ctx.engines, ctx.engine_configs)
             self.pool.start()
             return
-        app = build_app_for(config, ctx.monitor, ctx.upstream_api_key)
+        app = build_app_for(config, ctx.engines, ctx.upstream_api_key, ctx.engine_configs)
         self.lifecycle = app.state.lifecycle
         self.server = granian_server(app, web)
         self.task = await serve_until_stopped(self.server, self.lifecycle, app.state.started)

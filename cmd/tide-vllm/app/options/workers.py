@@ -81,36 +81,67 @@ class SharedMonitor:
         return self.current()
 
 
+def _publisher(shared: SharedEngineState, monitor: Any) -> Any:
+    return lambda status: shared.publish(status, monitor.total_restarts)
+
+
 def _die_with_parent() -> None:
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+class SharedDrains:
+    """Which engines operators drained (`POST /admin/engines/{name}/drain`), in shared memory:
+    a drain asked of one worker holds in all of them."""
+
+    def __init__(self, mp: multiprocessing.context.BaseContext, names: list[str]) -> None:
+        self.names = names
+        self.flags = mp.Array("b", max(len(names), 1), lock=False)  # type: ignore[attr-defined]
+
+    def get(self, name: str) -> bool:
+        return bool(self.flags[self.names.index(name)])
+
+    def set(self, name: str, draining: bool) -> None:
+        self.flags[self.names.index(name)] = int(draining)
+
+
 def worker_main(
     config: Config,
     upstream_api_key: str | None,
-    engine: SharedEngineState | Any,
+    engines: dict[str, SharedEngineState | Any],
+    engine_configs: dict[str, Any],
+    drains: SharedDrains,
 ) -> None:
     """A web worker's process: the same app and server as a single process, on the same port
     (granian binds it with SO_REUSEPORT, and the kernel spreads connections over the workers).
-    `engine` is the supervisor's shared state, a fixed monitor (vLLM disabled), or None
-    (manual mode: the worker asks vLLM itself). SIGTERM drains it like a single process."""
+    `engines` holds, by name, each supervised engine's shared state or a fixed monitor (a
+    disabled engine); an engine missing from it is asked by the worker itself (an external
+    one). SIGTERM drains it like a single process."""
     _die_with_parent()
     from .plugin_logs import configure_logging
 
     configure_logging(config.log.level, config.log.format)
-    monitor = SharedMonitor(engine) if isinstance(engine, SharedEngineState) else engine
+    monitors = {
+        name: SharedMonitor(engine) if isinstance(engine, SharedEngineState) else engine
+        for name, engine in engines.items()
+    }
     factory: Any = None
     with contextlib.suppress(ImportError):
         import uvloop
 
         factory = uvloop.new_event_loop
     with asyncio.Runner(loop_factory=factory) as runner:
-        runner.run(_serve_worker(config, upstream_api_key, monitor))
+        runner.run(_serve_worker(config, upstream_api_key, monitors, engine_configs, drains))
 
 
-async def _serve_worker(config: Config, upstream_api_key: str | None, monitor: Any) -> None:
+async def _serve_worker(
+    config: Config,
+    upstream_api_key: str | None,
+    monitors: dict[str, Any],
+    engine_configs: dict[str, Any],
+    drains: SharedDrains,
+) -> None:
     from .plugin_web_handler import (
         build_app_for,
         drain_and_stop,
@@ -119,7 +150,7 @@ async def _serve_worker(config: Config, upstream_api_key: str | None, monitor: A
         serve_until_stopped,
     )
 
-    app = build_app_for(config, monitor, upstream_api_key)
+    app = build_app_for(config, monitors, upstream_api_key, engine_configs, drains=drains)
     server = granian_server(app, config.web)
     lifecycle = app.state.lifecycle
     stopping = asyncio.Event()
@@ -138,15 +169,29 @@ async def _serve_worker(config: Config, upstream_api_key: str | None, monitor: A
 class WorkerPool:
     """Starts the workers, restarts one that dies, stops them all."""
 
-    def __init__(self, config: Config, upstream_api_key: str | None, monitor: Any) -> None:
+    def __init__(
+        self,
+        config: Config,
+        upstream_api_key: str | None,
+        monitors: dict[str, Any],
+        engine_configs: dict[str, Any],
+    ) -> None:
         self.config = config
         self.upstream_api_key = upstream_api_key
+        self.engine_configs = engine_configs
         self.mp = multiprocessing.get_context("spawn")
-        self.engine: Any = monitor  # None (manual mode) or a fixed monitor travel as they are
-        if monitor is not None and hasattr(monitor, "on_change"):
-            shared = self.engine = SharedEngineState(self.mp)
-            monitor.on_change = lambda status: shared.publish(status, monitor.total_restarts)
-            monitor.on_change(monitor.current())
+        # A supervised engine's status goes to the workers through shared memory; a fixed
+        # monitor (a disabled engine) travels as it is; an external engine is asked by each
+        # worker itself.
+        self.engines: dict[str, Any] = {}
+        for name, monitor in monitors.items():
+            if hasattr(monitor, "on_change"):
+                shared = self.engines[name] = SharedEngineState(self.mp)
+                monitor.on_change = _publisher(shared, monitor)
+                monitor.on_change(monitor.current())
+            elif not hasattr(monitor, "start"):
+                self.engines[name] = monitor
+        self.drains = SharedDrains(self.mp, list(engine_configs) or list(monitors))
         self.processes: list[multiprocessing.process.BaseProcess] = []
         self.stopping = False
         self._watch: asyncio.Task[None] | None = None
@@ -164,7 +209,13 @@ class WorkerPool:
     def _spawn(self) -> multiprocessing.process.BaseProcess:
         process = self.mp.Process(  # type: ignore[attr-defined]
             target=worker_main,
-            args=(self.config, self.upstream_api_key, self.engine),
+            args=(
+                self.config,
+                self.upstream_api_key,
+                self.engines,
+                self.engine_configs,
+                self.drains,
+            ),
             name="tide-vllm-web",
         )
         process.start()

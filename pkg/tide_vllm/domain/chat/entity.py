@@ -29,6 +29,19 @@ class EngineUnavailable(ChatError):
     """vLLM is not ready (starting, down, stopped, disabled) or cannot be reached."""
 
 
+class EngineUnreachable(EngineUnavailable):
+    """No connection to vLLM could be made: nothing was sent, so the request may be tried on
+    another engine."""
+
+
+class ModelNotFound(ChatError):
+    """No engine serves the requested model (vLLM's own 404 for it, in its words)."""
+
+    def __init__(self, model: str) -> None:
+        super().__init__(f"The model `{model}` does not exist.")
+        self.model = model
+
+
 class EngineTimeout(ChatError):
     """vLLM did not answer within the configured timeout."""
 
@@ -89,6 +102,7 @@ class ChatEntity:
     model: str
     messages: tuple[Message, ...]
     params: SamplingParams
+    session_id: str | None = None  # X-Session-Id: a hint to keep a conversation on one engine
 
     def __post_init__(self) -> None:
         if not self.messages:
@@ -123,6 +137,7 @@ class OpenAIChat:
     model: str
     stream: bool
     payload: Mapping[str, Any]
+    session_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +151,10 @@ class RelayRequest:
     headers: tuple[tuple[bytes, bytes], ...]
     body: bytes
     request_id: str
+
+    def header(self, name: bytes) -> bytes | None:
+        """The first value of header `name` (lower case), or None."""
+        return next((value for key, value in self.headers if key == name), None)
 
 
 class EngineState(str, Enum):

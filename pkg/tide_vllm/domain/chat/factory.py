@@ -35,6 +35,7 @@ class ChatFactory:
         max_tokens: int | None = None,
         temperature: float | None = None,
         top_p: float | None = None,
+        session_id: str | None = None,
     ) -> ChatEntity:
         """The spec's request: one user prompt under one system prompt."""
         if not prompt.strip():
@@ -53,9 +54,15 @@ class ChatFactory:
                 temperature=d.temperature if temperature is None else temperature,
                 top_p=d.top_p if top_p is None else top_p,
             ),
+            session_id=session_id,
         )
 
-    def from_openai(self, body: Mapping[str, Any], request_id: str | None = None) -> OpenAIChat:
+    def from_openai(
+        self,
+        body: Mapping[str, Any],
+        request_id: str | None = None,
+        session_id: str | None = None,
+    ) -> OpenAIChat:
         """An OpenAI chat request. The service reads only what it relies on (the model, to
         route; whether it streams) and is never stricter than vLLM: what vLLM validates
         (messages, roles, value ranges) it lets vLLM validate, and relays vLLM's refusal."""
@@ -78,6 +85,7 @@ class ChatFactory:
             model=model,
             stream=stream,
             payload=payload,
+            session_id=session_id,
         )
 
 

@@ -6,6 +6,8 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from typing import Protocol
 
+from tide_vllm.domain.fleet.engine import EngineMetrics
+
 from .entity import ChatDelta, ChatEntity, ChatResult, EngineStatus, OpenAIChat, RelayRequest
 
 
@@ -40,6 +42,10 @@ class ChatRepository(ABC):
     @abstractmethod
     async def engine_metrics(self) -> bytes:
         """vLLM's own Prometheus metrics, unchanged."""
+
+    async def engine_gauges(self) -> EngineMetrics:
+        """What routing reads of vLLM's own metrics (its queue, its KV cache)."""
+        raise NotImplementedError
 
 
 class EngineMonitor(Protocol):

@@ -105,6 +105,25 @@ class CircuitBreaker:
 
 
 @dataclass(frozen=True, slots=True)
+class EngineMetrics:
+    """What an engine's own metrics say, as scraped: requests waiting in its queue, the share of
+    its KV cache in use (0 to 1), the cache's size in tokens when known, and its prefix cache's
+    counters since it started (None when it does not report them)."""
+
+    waiting: float
+    kv_cache_usage: float
+    cache_tokens: int | None = None
+    prefix_cache_hits: float | None = None
+    prefix_cache_queries: float | None = None
+
+    @property
+    def prefix_cache_hit_rate(self) -> float | None:
+        if not self.prefix_cache_queries or self.prefix_cache_hits is None:
+            return None
+        return self.prefix_cache_hits / self.prefix_cache_queries
+
+
+@dataclass(frozen=True, slots=True)
 class Gauges:
     """vLLM's gauges as last scraped from the engine's /metrics, and when."""
 

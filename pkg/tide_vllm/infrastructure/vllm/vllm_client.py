@@ -23,6 +23,7 @@ from tide_vllm.domain.chat.entity import (
     EngineFailed,
     EngineTimeout,
     EngineUnavailable,
+    EngineUnreachable,
 )
 
 # Headers that describe one connection, not the message (RFC 9110 7.6.1): never relayed.
@@ -299,9 +300,9 @@ class VLLMClient:
         cause = exc.__cause__ if isinstance(exc.__cause__, aiohttp.ClientError) else exc
         reason = str(cause) or type(cause).__name__
         if isinstance(cause, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)):
-            return EngineUnavailable(f"cannot reach vLLM at {self.base_url}: {reason}")
+            return EngineUnreachable(f"cannot reach vLLM at {self.base_url}: {reason}")
         if isinstance(cause, (httpx.ConnectError, httpx.ConnectTimeout)):
-            return EngineUnavailable(f"cannot reach vLLM at {self.base_url}: {reason}")
+            return EngineUnreachable(f"cannot reach vLLM at {self.base_url}: {reason}")
         if isinstance(cause, (asyncio.TimeoutError, httpx.TimeoutException)):
             return EngineTimeout(f"vLLM did not answer within {self.timeout:g}s")
         if isinstance(cause, aiohttp.ClientResponseError):  # a head aiohttp cannot parse

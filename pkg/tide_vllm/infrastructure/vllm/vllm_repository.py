@@ -21,8 +21,10 @@ from tide_vllm.domain.chat.entity import (
     Usage,
 )
 from tide_vllm.domain.chat.repository import ChatRepository
+from tide_vllm.domain.fleet.engine import EngineMetrics
 
 from .vllm_client import Answer, VLLMClient
+from .vllm_metrics import parse_engine_metrics
 
 EVENT_END = b"\n\n"
 
@@ -96,6 +98,13 @@ class VLLMChatRepository(ChatRepository):
 
     async def engine_metrics(self) -> bytes:
         return await self._get("/metrics")
+
+    async def engine_gauges(self) -> EngineMetrics:
+        text = (await self._get("/metrics")).decode("utf-8", errors="replace")
+        try:
+            return parse_engine_metrics(text)
+        except ValueError as exc:
+            raise EngineFailed(f"vLLM's metrics cannot be read: {exc}") from None
 
     async def _get(self, path: str) -> bytes:
         answer = await self.client.open("GET", path)

@@ -1,0 +1,666 @@
+"""The engines behind the gateway, as the use cases see them: which one takes a request (the
+fleet's routing, pkg/tide_vllm/domain/fleet), the request run on it with its load counted from
+dispatch to end, and the one retry on another engine of the model when the first could not
+have run it (no connection was made, or it answered 503 before any byte went to the caller).
+
+A fleet of one engine is the same path, with nothing to choose: no prefix hashing, and the
+engine's own status decides (503 at once while it cannot serve)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol, TypeVar
+
+import orjson
+
+from tide_vllm.domain.chat.entity import (
+    ChatError,
+    EngineFailed,
+    EngineRejected,
+    EngineState,
+    EngineStatus,
+    EngineUnavailable,
+    EngineUnreachable,
+    InvalidChatRequest,
+    ModelNotFound,
+    RelayRequest,
+)
+from tide_vllm.domain.chat.repository import (
+    ChatRepository,
+    EngineMonitor,
+    RelayAnswer,
+    RelayRepository,
+)
+from tide_vllm.domain.fleet import (
+    Decision,
+    Engine,
+    Fleet,
+    NoEngineAvailable,
+    Outcome,
+    PrefixAffinity,
+    Reason,
+    RequestFeatures,
+    Ticket,
+    policy_named,
+)
+from tide_vllm.domain.fleet.engine import EngineMetrics
+
+T = TypeVar("T")
+log = logging.getLogger("tide_vllm.routing")
+
+NO_FEATURES = RequestFeatures()
+SCRAPE_INTERVAL = 5.0  # seconds between reads of each engine's own metrics
+WATCH_TICK = 1.0
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """One engine: where its requests go and what tells whether it can serve. `probe`: its
+    monitor only knows what it was last told by `check()`, which the watcher calls every
+    `health_interval` (an external engine seen from a web worker)."""
+
+    name: str
+    model: str
+    chat: ChatRepository
+    relay: RelayRepository
+    monitor: EngineMonitor
+    base_url: str = ""
+    auto_start: bool = False
+    probe: bool = False
+    health_interval: float = 5.0
+
+
+class RoutingObserver(Protocol):
+    """Told of each dispatch, retry and end, per engine (the metrics)."""
+
+    def dispatched(self, engine: str, reason: str) -> None: ...
+
+    def retried(self, engine: str) -> None: ...
+
+    def ended(self, engine: str, failed: bool) -> None: ...
+
+
+class DrainStore(Protocol):
+    """Where operators' drains are kept when several processes route (web workers)."""
+
+    def get(self, name: str) -> bool: ...
+
+    def set(self, name: str, draining: bool) -> None: ...
+
+
+class _Quiet:
+    def dispatched(self, engine: str, reason: str) -> None:
+        pass
+
+    def retried(self, engine: str) -> None:
+        pass
+
+    def ended(self, engine: str, failed: bool) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class EngineView:
+    """One engine as operators see it (`GET /admin/engines`, `/health`)."""
+
+    name: str
+    model: str
+    base_url: str
+    auto_start: bool
+    state: str  # starting, ready, restarting, failed, draining, unhealthy, disabled, ejected
+    state_seconds: float
+    detail: str
+    healthy: bool
+    draining: bool
+    breaker: str
+    requests_in_flight: int
+    tokens_in_flight: int
+    waiting: float | None
+    kv_cache_usage: float | None
+    restarts: int
+    dispatched: int
+    failures: int
+    estimated_hit_rate: float | None  # the gateway's own, from its prefix index
+    prefix_cache_hit_rate: float | None  # vLLM's, since the engine started
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class FleetHealth:
+    """Healthy while every model has a ready engine. `state` and `detail` are the engine's own
+    for a fleet of one, as they always were."""
+
+    healthy: bool
+    state: str
+    detail: str
+    engines: list[EngineView]
+
+
+class _Attempt:
+    __slots__ = ("upstream", "ticket", "first_token", "ended")
+
+    def __init__(self, upstream: Upstream, ticket: Ticket) -> None:
+        self.upstream = upstream
+        self.ticket = ticket
+        self.first_token = False
+        self.ended = False
+
+
+def _retriable(exc: ChatError) -> bool:
+    """The engine certainly did not run the request: it could not be reached, or it said 503."""
+    return isinstance(exc, EngineUnreachable) or (
+        isinstance(exc, EngineFailed) and exc.status == 503
+    )
+
+
+def _outcome_of(exc: ChatError) -> Outcome:
+    """An answer of the engine's own (a 4xx) or a request refused before it left says nothing
+    bad of the engine; anything else is its failure."""
+    if isinstance(exc, (EngineRejected, InvalidChatRequest, ModelNotFound)):
+        return Outcome.OK
+    return Outcome.FAILED
+
+
+class Engines:
+    """Routes the use cases' requests over the engines. Owned by the event loop."""
+
+    def __init__(
+        self,
+        upstreams: Sequence[Upstream],
+        *,
+        default_model: str,
+        policy: str = "prefix",
+        observer: RoutingObserver | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        drains: DrainStore | None = None,
+    ) -> None:
+        if not upstreams:
+            raise ValueError("at least one engine is needed")
+        self.upstreams = {u.name: u for u in upstreams}
+        self.default_model = default_model
+        self.policy = policy
+        self.observer: RoutingObserver = observer or _Quiet()
+        self.fleet = Fleet(
+            (Engine(u.name, u.model) for u in upstreams), policy_named(policy), clock=clock
+        )
+        self._clock = clock
+        self._drains = drains
+        self._by_model: dict[str, list[Upstream]] = {}
+        for upstream in upstreams:
+            self._by_model.setdefault(upstream.model, []).append(upstream)
+        self.single = upstreams[0] if len(upstreams) == 1 else None
+        self._hashing = isinstance(self.fleet.policy, PrefixAffinity)
+        self._metrics: dict[str, EngineMetrics] = {}
+        self._states: dict[str, tuple[str, float]] = {}
+        self._probed_at: dict[str, float] = {}
+        for upstream in upstreams:
+            self._sync(upstream)
+
+    # -- what a request is -----------------------------------------------------------------
+    def model_of(self, requested: Any) -> str:
+        """The served model a request's `model` names: the default one when it names none. An
+        unknown name is vLLM's to judge when the fleet serves one model (it may be one of its
+        LoRA adapters); among several models it is a 404, as vLLM's."""
+        if not requested or not isinstance(requested, str):
+            return self.default_model
+        if requested in self._by_model:
+            return requested
+        if len(self._by_model) == 1:
+            return next(iter(self._by_model))
+        raise ModelNotFound(requested)
+
+    def choosing(self, model: str) -> bool:
+        """Whether there is a choice to make for `model`, so its requests' prefixes are worth
+        hashing."""
+        return len(self._by_model.get(model, ())) > 1
+
+    def features(
+        self, model: str, build: Callable[[], RequestFeatures], session_id: str | None = None
+    ) -> RequestFeatures:
+        if not self.choosing(model):
+            return NO_FEATURES
+        if not self._hashing:
+            return RequestFeatures(session_id=session_id)
+        return build()
+
+    # -- running requests ------------------------------------------------------------------
+    async def call(
+        self, model: str, features: RequestFeatures, work: Callable[[Upstream], Awaitable[T]]
+    ) -> T:
+        """`work` on the chosen engine; once more on another if the first did not run it."""
+        attempt = self._select(model, features)
+        try:
+            return await self._run(attempt, work)
+        except ChatError as exc:
+            if not _retriable(exc):
+                raise
+            attempt = self._retry(model, features, attempt, exc)
+        return await self._run(attempt, work)
+
+    async def _run(self, attempt: _Attempt, work: Callable[[Upstream], Awaitable[T]]) -> T:
+        outcome = Outcome.CANCELLED
+        try:
+            result = await work(attempt.upstream)
+            outcome = Outcome.OK
+            return result
+        except ChatError as exc:
+            outcome = _outcome_of(exc)
+            raise
+        finally:
+            self._end(attempt, outcome)
+
+    async def stream(
+        self,
+        model: str,
+        features: RequestFeatures,
+        open_stream: Callable[[Upstream], AsyncIterator[T]],
+    ) -> AsyncIterator[T]:
+        """The items of `open_stream` on the chosen engine. Its first item says the engine
+        accepted the request (it is empty); then come the events. The request is tried once
+        more on another engine of the model when the first refused it (no connection, 503),
+        or lost it before its first event: then no token has reached the caller, and vLLM
+        aborts a request whose connection is gone, so it runs once. Once an event has gone
+        out, nothing is retried."""
+        attempt = self._select(model, features)
+        items = open_stream(attempt.upstream)
+        outcome = Outcome.CANCELLED
+        retried = False
+        try:
+            try:
+                first = await anext(items)
+            except ChatError as exc:
+                self._end(attempt, _outcome_of(exc))
+                await items.aclose()  # type: ignore[attr-defined]
+                if not _retriable(exc):
+                    raise
+                attempt = self._retry(model, features, attempt, exc)
+                retried = True
+                items = open_stream(attempt.upstream)
+                first = await anext(items)
+            yield first
+            while True:
+                try:
+                    item = await anext(items)
+                except StopAsyncIteration:
+                    break
+                except EngineUnavailable as exc:
+                    if attempt.first_token or retried:
+                        raise
+                    self._end(attempt, Outcome.FAILED)
+                    await items.aclose()  # type: ignore[attr-defined]
+                    attempt = self._retry(model, features, attempt, exc)
+                    retried = True
+                    items = open_stream(attempt.upstream)
+                    await anext(items)  # its acceptance: the caller has had one
+                    continue
+                if not attempt.first_token and item:
+                    attempt.first_token = True
+                    self.fleet.on_first_token(attempt.ticket)
+                yield item
+            outcome = Outcome.OK
+        except StopAsyncIteration:
+            outcome = Outcome.OK  # nothing at all came: the repository's end
+        except ChatError as exc:
+            outcome = _outcome_of(exc)
+            raise
+        finally:
+            self._end(attempt, outcome)
+            await items.aclose()  # type: ignore[attr-defined]
+
+    async def relay(
+        self, model: str, features: RequestFeatures, request: RelayRequest
+    ) -> RelayAnswer:
+        """The engine's answer to a relayed request, its head in; a 503 answer is replaced by
+        another engine's once, when the model has another that can take it. The answer's end
+        (read, or closed) ends the engine's ticket."""
+        attempt = self._select(model, features)
+        try:
+            answer = await self._open(attempt, request)
+        except ChatError as exc:
+            if not _retriable(exc):
+                raise
+            attempt = self._retry(model, features, attempt, exc)
+            return _TrackedAnswer(await self._open(attempt, request), self, attempt)
+        if answer.status != 503:
+            return _TrackedAnswer(answer, self, attempt)
+        try:
+            retry = self._select(model, features, exclude={attempt.upstream.name})
+        except EngineUnavailable:
+            return _TrackedAnswer(answer, self, attempt)  # no other engine: vLLM's 503 it is
+        await answer.aclose()
+        self._end(attempt, Outcome.FAILED)
+        self.observer.retried(attempt.upstream.name)
+        log.warning(
+            "engine %s answered 503; trying engine %s", attempt.upstream.name, retry.upstream.name
+        )
+        return _TrackedAnswer(await self._open(retry, request), self, retry)
+
+    async def _open(self, attempt: _Attempt, request: RelayRequest) -> RelayAnswer:
+        """The answer's head; the ticket ends here only if there is none."""
+        try:
+            return await attempt.upstream.relay.open(request)
+        except ChatError as exc:
+            self._end(attempt, _outcome_of(exc))
+            raise
+        except BaseException:
+            self._end(attempt, Outcome.CANCELLED)
+            raise
+
+    # -- choosing --------------------------------------------------------------------------
+    def _sync(self, upstream: Upstream) -> EngineStatus:
+        """Admit or eject the engine as its monitor's last word says."""
+        status = upstream.monitor.current()
+        engine = self.fleet.engine(upstream.name)
+        if self._drains is not None:
+            engine.draining = self._drains.get(upstream.name)
+        if status.healthy != engine.admitted:
+            if status.healthy:
+                self.fleet.admit(upstream.name)
+            else:
+                self.fleet.eject(upstream.name)
+                if self.single is None:
+                    log.warning("engine %s is out of rotation: %s", upstream.name, status.detail)
+        return status
+
+    def _select(
+        self, model: str, features: RequestFeatures, exclude: Collection[str] = ()
+    ) -> _Attempt:
+        upstreams = self._by_model.get(model)
+        if upstreams is None:
+            raise ModelNotFound(model)
+        for upstream in upstreams:
+            self._sync(upstream)
+        try:
+            decision = self.fleet.choose(model, features, exclude)
+        except NoEngineAvailable:
+            decision = self._fallback(model, features, exclude)
+        ticket = self.fleet.on_dispatch(decision)
+        self.observer.dispatched(decision.engine, decision.reason.value)
+        return _Attempt(self.upstreams[decision.engine], ticket)
+
+    def _fallback(
+        self, model: str, features: RequestFeatures, exclude: Collection[str]
+    ) -> Decision:
+        """No engine of the model is admitted (none has passed a health check lately, or their
+        breakers hold them off). One whose state still lets a request through (an external
+        engine not checked yet, a running one failing its checks) takes it, rather than a
+        certain 503."""
+        candidates = [
+            u
+            for u in self._by_model[model]
+            if u.name not in exclude
+            and not self.fleet.engine(u.name).draining
+            and u.monitor.current().accepts_requests
+        ]
+        if not candidates:
+            raise EngineUnavailable(self._why_not(model, exclude))
+        chosen = min(candidates, key=lambda u: self.fleet.engine(u.name).requests)
+        return Decision(model, chosen.name, Reason.FALLBACK, features)
+
+    def _why_not(self, model: str, exclude: Collection[str]) -> str:
+        if self.single is not None:
+            if self.fleet.engine(self.single.name).draining:
+                return f"engine {self.single.name} is draining"
+            status = self.single.monitor.current()
+            return status.detail or f"vLLM is {status.state.value}"
+        reasons = []
+        for upstream in self._by_model[model]:
+            if upstream.name in exclude:
+                continue
+            if self.fleet.engine(upstream.name).draining:
+                reasons.append(f"{upstream.name}: draining")
+            else:
+                status = upstream.monitor.current()
+                reasons.append(f"{upstream.name}: {status.detail or status.state.value}")
+        return f"no engine of model {model} can take the request now" + (
+            f" ({'; '.join(reasons)})" if reasons else ""
+        )
+
+    def _retry(
+        self, model: str, features: RequestFeatures, failed: _Attempt, exc: ChatError
+    ) -> _Attempt:
+        try:
+            attempt = self._select(model, features, exclude={failed.upstream.name})
+        except EngineUnavailable:
+            raise exc from None
+        self.observer.retried(failed.upstream.name)
+        log.warning(
+            "engine %s: %s; trying engine %s", failed.upstream.name, exc.message,
+            attempt.upstream.name,
+        )  # fmt: skip
+        return attempt
+
+    def _end(self, attempt: _Attempt, outcome: Outcome) -> None:
+        if attempt.ended:
+            return
+        attempt.ended = True
+        self.fleet.on_end(attempt.ticket, outcome)
+        self.observer.ended(attempt.upstream.name, outcome is Outcome.FAILED)
+
+    # -- models, health, operators ---------------------------------------------------------
+    def ensure(self, upstream: Upstream) -> None:
+        status = upstream.monitor.current()
+        if not status.accepts_requests:
+            raise EngineUnavailable(status.detail or f"vLLM is {status.state.value}")
+
+    async def models(self) -> bytes:
+        """`GET /v1/models`: a fleet of one relays its engine's list; a fleet lists each model
+        once, as the first of its engines that answers lists it."""
+        if self.single is not None:
+            self.ensure(self.single)
+            return await self.single.chat.models()
+        serving = [u for u in self.upstreams.values() if u.monitor.current().accepts_requests]
+        if not serving:
+            raise EngineUnavailable("no engine can serve now")
+        answers = await asyncio.gather(*(u.chat.models() for u in serving), return_exceptions=True)
+        seen: set[str] = set()
+        data: list[Any] = []
+        for answer in answers:
+            if isinstance(answer, BaseException):
+                continue
+            try:
+                listed = orjson.loads(answer).get("data")
+            except (orjson.JSONDecodeError, AttributeError):
+                continue
+            for item in listed if isinstance(listed, list) else ():
+                if isinstance(item, dict) and item.get("id") not in seen:
+                    seen.add(item.get("id"))
+                    data.append(item)
+        if not data:
+            first = next((a for a in answers if isinstance(a, ChatError)), None)
+            raise first or EngineFailed("no engine listed a model")
+        return orjson.dumps({"object": "list", "data": data})
+
+    def upstream(self, name: str | None) -> Upstream:
+        """The engine called `name` (the first one for None); UnknownEngine if none is."""
+        if name is None:
+            return next(iter(self.upstreams.values()))
+        self.fleet.engine(name)  # raises UnknownEngine
+        return self.upstreams[name]
+
+    async def check(self) -> FleetHealth:
+        """A fresh status of every engine, asked at once."""
+        upstreams = list(self.upstreams.values())
+        await asyncio.gather(*(u.monitor.check() for u in upstreams))
+        return self.health()
+
+    def health(self) -> FleetHealth:
+        views = self.views()
+        ready: dict[str, bool] = {}
+        for view in views:
+            ready[view.model] = ready.get(view.model, False) or (view.healthy and not view.draining)
+        healthy = all(ready.values())
+        if self.single is not None:
+            status = self.single.monitor.current()
+            state = status.state.value
+            detail = "healthy" if healthy else (views[0].detail or state)
+            if status.healthy and not healthy:
+                detail = f"engine {self.single.name} is draining"
+        else:
+            state = "ready" if healthy else "degraded"
+            missing = [m for m, ok in ready.items() if not ok]
+            detail = "healthy" if healthy else f"no ready engine for model {', '.join(missing)}"
+        return FleetHealth(healthy, state, detail, views)
+
+    def views(self) -> list[EngineView]:
+        now = self._clock()
+        snapshots = {s.name: s for s in self.fleet.snapshot()}
+        views = []
+        for upstream in self.upstreams.values():
+            status = self._sync(upstream)
+            snap = snapshots[upstream.name]
+            state = _state_of(status, snap.draining, snap.breaker)
+            since = self._states.get(upstream.name)
+            if since is None or since[0] != state:
+                since = self._states[upstream.name] = (state, now)
+            scraped = self._metrics.get(upstream.name)
+            views.append(
+                EngineView(
+                    name=upstream.name,
+                    model=upstream.model,
+                    base_url=upstream.base_url,
+                    auto_start=upstream.auto_start,
+                    state=state,
+                    state_seconds=round(now - since[1], 3),
+                    detail=status.detail,
+                    healthy=status.healthy,
+                    draining=snap.draining,
+                    breaker=snap.breaker,
+                    requests_in_flight=snap.requests,
+                    tokens_in_flight=snap.tokens,
+                    waiting=snap.waiting,
+                    kv_cache_usage=snap.kv_cache_usage,
+                    restarts=int(getattr(upstream.monitor, "total_restarts", 0) or 0),
+                    dispatched=snap.dispatched,
+                    failures=snap.failures,
+                    estimated_hit_rate=snap.hit_rate,
+                    prefix_cache_hit_rate=scraped.prefix_cache_hit_rate if scraped else None,
+                )
+            )
+        return views
+
+    def view(self, name: str) -> EngineView:
+        self.fleet.engine(name)  # raises UnknownEngine
+        return next(v for v in self.views() if v.name == name)
+
+    def drain(self, name: str) -> EngineView:
+        self.fleet.drain(name)
+        if self._drains is not None:
+            self._drains.set(name, True)
+        log.info("engine %s is draining: no new requests", name)
+        return self.view(name)
+
+    def resume(self, name: str) -> EngineView:
+        self.fleet.resume(name)
+        if self._drains is not None:
+            self._drains.set(name, False)
+        log.info("engine %s takes requests again", name)
+        return self.view(name)
+
+    # -- the watcher -----------------------------------------------------------------------
+    async def watch(self, scrape_interval: float = SCRAPE_INTERVAL) -> None:
+        """Runs for the app's life: checks the engines only this process can ask (`probe`),
+        admits or ejects each as its status changes, and reads each ready engine's own metrics
+        every `scrape_interval` (its queue and KV cache, for routing; a failed read leaves
+        the last values to go stale)."""
+        scraped_at = -scrape_interval
+        while True:
+            now = self._clock()
+            due = [
+                u
+                for u in self.upstreams.values()
+                if u.probe and now - self._probed_at.get(u.name, -1e9) >= u.health_interval
+            ]
+            for upstream in due:
+                self._probed_at[upstream.name] = now
+            if due:
+                await asyncio.gather(*(u.monitor.check() for u in due), return_exceptions=True)
+            self.views()  # admits or ejects, and notes when each engine's state changed
+            if self.single is None and now - scraped_at >= scrape_interval:
+                scraped_at = now
+                await self.scrape()
+            await asyncio.sleep(WATCH_TICK)
+
+    async def scrape(self) -> None:
+        ready = [u for u in self.upstreams.values() if u.monitor.current().healthy]
+        read = await asyncio.gather(
+            *(u.chat.engine_gauges() for u in ready), return_exceptions=True
+        )
+        for upstream, metrics in zip(ready, read, strict=True):
+            if isinstance(metrics, EngineMetrics):
+                self._metrics[upstream.name] = metrics
+                self.fleet.observe(
+                    upstream.name,
+                    waiting=metrics.waiting,
+                    kv_cache_usage=metrics.kv_cache_usage,
+                    cache_tokens=metrics.cache_tokens,
+                )
+            elif isinstance(metrics, Exception):
+                log.debug("engine %s: metrics not read: %s", upstream.name, metrics)
+
+
+def _state_of(status: EngineStatus, draining: bool, breaker: str) -> str:
+    if draining:
+        return "draining"
+    if status.healthy:
+        return "ready" if breaker == "closed" else "ejected"
+    if status.state is EngineState.EXTERNAL:
+        return "unhealthy"
+    return status.state.value
+
+
+class _TrackedAnswer:
+    """A relayed answer whose end ends its engine's ticket: the first chunk is its first token,
+    a 5xx or a broken body its failure, a close before the end a cancellation."""
+
+    def __init__(self, answer: RelayAnswer, engines: Engines, attempt: _Attempt) -> None:
+        self._answer = answer
+        self._engines = engines
+        self._attempt = attempt
+        self.status = answer.status
+        self.headers = answer.headers
+        self._done = False
+        self._failed = answer.status >= 500
+
+    async def _chunks(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._answer:
+                if not self._attempt.first_token and chunk:
+                    self._attempt.first_token = True
+                    self._engines.fleet.on_first_token(self._attempt.ticket)
+                yield chunk
+            self._done = True
+        except ChatError:
+            self._failed = True
+            raise
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._chunks()
+
+    async def read(self) -> bytes:
+        try:
+            content = await self._answer.read()
+        except ChatError:
+            self._failed = True
+            await self.aclose()
+            raise
+        self._done = True
+        await self.aclose()
+        return content
+
+    async def aclose(self) -> None:
+        try:
+            await self._answer.aclose()
+        finally:
+            outcome = (
+                Outcome.FAILED
+                if self._failed
+                else (Outcome.OK if self._done else Outcome.CANCELLED)
+            )
+            self._engines._end(self._attempt, outcome)
