@@ -188,9 +188,19 @@ def start_gateway(
 ) -> Server:
     """tide-vllm in manual mode in front of the stub; returns once GET /health is 200."""
     port = free_port()
+    return launch_gateway(
+        python, port, gateway_config(port, upstream_port, workers, log_level), workdir, name
+    )
+
+
+def launch_gateway(
+    python: str, port: int, config_text: str, workdir: Path, name: str, timeout: float = 30
+) -> Server:
+    """tide-vllm with the configuration `config_text` (listening on `port`), in a process group
+    of its own; returns once GET /health is 200. ConfigRejected if it refuses the file."""
     name = "".join(c if c.isalnum() else "-" for c in name)
     config = workdir / f"{name}.yaml"
-    config.write_text(gateway_config(port, upstream_port, workers, log_level))
+    config.write_text(config_text)
     log = workdir / f"{name}.log"
     proc = subprocess.Popen(
         [python, str(ENTRY), "-c", str(config)],
@@ -201,7 +211,7 @@ def start_gateway(
     )
     server = Server(name, proc, port, log, {"config": str(config)})
     try:
-        wait_healthy(server, timeout=30)
+        wait_healthy(server, timeout=timeout)
     except StartError:
         code = stop(server)
         if code == EXIT_CONFIG:
