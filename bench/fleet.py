@@ -42,6 +42,7 @@ import orjson
 from bench_proc import (
     REPO,
     Server,
+    StartError,
     available_cpus,
     background_cpu,
     count_errors,
@@ -346,7 +347,9 @@ def plan(rows: list[str], workloads: list[Workload]) -> list[tuple[str, Workload
     return runs
 
 
-def report(runs: list[RunResult], argv: list[str], info: dict[str, object]) -> str:
+def report(
+    runs: list[RunResult], argv: list[str], info: dict[str, object], skipped: list[str]
+) -> str:
     command = " ".join([os.path.relpath(sys.executable, REPO), "bench/fleet.py", *argv])
     lines = [
         f"# Fleet benchmark, {info['date']}",
@@ -361,7 +364,8 @@ def report(runs: list[RunResult], argv: list[str], info: dict[str, object]) -> s
         "",
         target_lines(targets(runs)),
     ]
-    notes = [f"- {r.workload}, {r.row}: {r.note}" for r in runs if r.note]
+    notes = [f"- skipped: {line}" for line in skipped]
+    notes += [f"- {r.workload}, {r.row}: {r.note}" for r in runs if r.note]
     samples = [(r, sorted({q.error for q in r.requests if q.error})) for r in runs]
     notes += [f"- {r.workload}, {r.row}: e.g. {errs[0]}" for r, errs in samples if errs]
     if notes:
@@ -390,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     info: dict[str, object] = machine_info(REPO)
     runs: list[RunResult] = []
     busy: dict[str, float] = {}
+    skipped: list[str] = []
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="tide-fleet-") as tmp:
         workdir = Path(tmp)
@@ -419,7 +424,12 @@ def main(argv: list[str] | None = None) -> int:
                     f" (! {load:.0f}% of the CPUs busy without us)" if load > BUSY_WARNING else ""
                 )
                 print(f"fleet: {workload.name}, {row}{warn} …", flush=True)
-                run = run_one(row, workload, replicas, workdir, router)
+                try:
+                    run = run_one(row, workload, replicas, workdir, router)
+                except StartError as exc:  # one row's router, not the replicas: go on
+                    print(f"fleet:   could not start {row}: {exc}", flush=True)
+                    skipped.append(f"{workload.name}, {row}: {str(exc).splitlines()[0][:200]}")
+                    continue
                 runs.append(run)
                 print(
                     f"fleet:   {len(run.requests)} requests, {run.errors} errors, "
@@ -433,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
             logs.mkdir(parents=True, exist_ok=True)
             for log in workdir.glob("*.log"):
                 shutil.copy2(log, logs / log.name)
-    text = report(runs, argv, info)
+    text = report(runs, argv, info, skipped)
     text += f"\n{time.monotonic() - started:.0f} s in all; logs in {os.path.relpath(logs, REPO)}/\n"
     print()
     print(text)
