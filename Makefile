@@ -68,3 +68,14 @@ bench: install
 		apt-get install -y -qq wrk >/dev/null 2>&1 || \
 		{ apt-get update -qq && apt-get install -y -qq wrk; }; }
 	$(PY) bench/run.py
+
+# Issue 16's fleet benchmark: tide-vllm (routing.policy prefix and round_robin) and vllm-router
+# (cache_aware and round_robin) side by side in front of the same two real CPU vLLM replicas of
+# the demo model, one per core, on a shared-prefix multi-turn streamed workload; then one replica
+# is killed mid-run (bench/fleet.py; not part of `make test`). Many minutes of both cores.
+# vllm-router goes into bench/.venv-router on first use. FLEET_ARGS=--quick: a smoke run;
+# FLEET_ARGS="--only tide-prefix,router-cache_aware": some rows.
+FLEET_ARGS ?=
+.PHONY: bench-fleet
+bench-fleet: install model
+	TIDE_VLLM_MODEL_DIR=$(MODEL_DIR) $(PY) bench/fleet.py $(FLEET_ARGS)

@@ -13,6 +13,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -188,9 +189,19 @@ def start_gateway(
 ) -> Server:
     """tide-vllm in manual mode in front of the stub; returns once GET /health is 200."""
     port = free_port()
+    return launch_gateway(
+        python, port, gateway_config(port, upstream_port, workers, log_level), workdir, name
+    )
+
+
+def launch_gateway(
+    python: str, port: int, config_text: str, workdir: Path, name: str, timeout: float = 30
+) -> Server:
+    """tide-vllm with the configuration `config_text` (listening on `port`), in a process group
+    of its own; returns once GET /health is 200. ConfigRejected if it refuses the file."""
     name = "".join(c if c.isalnum() else "-" for c in name)
     config = workdir / f"{name}.yaml"
-    config.write_text(gateway_config(port, upstream_port, workers, log_level))
+    config.write_text(config_text)
     log = workdir / f"{name}.log"
     proc = subprocess.Popen(
         [python, str(ENTRY), "-c", str(config)],
@@ -201,7 +212,7 @@ def start_gateway(
     )
     server = Server(name, proc, port, log, {"config": str(config)})
     try:
-        wait_healthy(server, timeout=30)
+        wait_healthy(server, timeout=timeout)
     except StartError:
         code = stop(server)
         if code == EXIT_CONFIG:
@@ -315,13 +326,17 @@ def _cpu_times() -> tuple[int, int]:
     return total - idle, total
 
 
-def background_cpu(seconds: float = 0.5) -> float:
+def background_cpu(seconds: float = 0.5, exclude: Sequence[int] = ()) -> float:
     """How busy the machine is while the benchmark's own processes are idle, in % of all CPUs:
-    anything well above 0 is someone else's work (a test suite, a vLLM) and makes noise."""
+    anything well above 0 is someone else's work (a test suite, a vLLM) and makes noise.
+    The CPU time of the process trees in `exclude` is left out (servers of the benchmark's
+    own that are never quite idle, such as a vLLM between runs)."""
+    ours0 = sum(cpu_seconds(pid) for pid in exclude)
     busy0, total0 = _cpu_times()
     time.sleep(seconds)
     busy1, total1 = _cpu_times()
-    return 100.0 * (busy1 - busy0) / max(1, total1 - total0)
+    ours = (sum(cpu_seconds(pid) for pid in exclude) - ours0) * os.sysconf("SC_CLK_TCK")
+    return max(0.0, 100.0 * (busy1 - busy0 - ours) / max(1, total1 - total0))
 
 
 def count_errors(log: Path) -> tuple[int, str]:

@@ -38,6 +38,7 @@ __all__ = [
     "ensure_installed",
     "install_error",
     "start_router",
+    "start_router_for",
     "stop_group",
 ]
 
@@ -69,22 +70,38 @@ def _install() -> Path | None:
 def start_router(router: Path, upstream_port: int, workdir: Path, body: bytes) -> Server:
     """The router on a free port, the stub its one worker; returns once a chat request
     (`body`) went through it to the stub and back."""
+    return start_router_for(router, [f"http://127.0.0.1:{upstream_port}"], POLICY, workdir, body)
+
+
+def start_router_for(
+    router: Path,
+    worker_urls: list[str],
+    policy: str,
+    workdir: Path,
+    body: bytes,
+    *,
+    timeout: float = 60,
+) -> Server:
+    """The router on a free port in front of `worker_urls` with `policy` (the fleet benchmark
+    gives it several replicas); returns once a chat request (`body`) went through it and back.
+    Its Prometheus listener gets a free port too: the default, 29000, may be taken."""
     port = free_port()
-    log = workdir / "vllm-router.log"
+    log = workdir / f"vllm-router-{policy}.log"
     proc = subprocess.Popen(
         [str(router), "--host", "127.0.0.1", "--port", str(port),
-         "--worker-urls", f"http://127.0.0.1:{upstream_port}", "--policy", POLICY,
+         "--worker-urls", *worker_urls, "--policy", policy,
          "--disable-retries", "--log-level", "warning",
-         "--worker-startup-check-interval", "1"],
+         "--worker-startup-check-interval", "1",
+         "--prometheus-port", str(free_port())],
         cwd=workdir,
         stdin=subprocess.DEVNULL,
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )  # fmt: skip
-    server = Server("vllm-router", proc, port, log, {"policy": POLICY})
+    server = Server("vllm-router", proc, port, log, {"policy": policy})
     try:
-        wait_answering(server, body, timeout=60)
+        wait_answering(server, body, timeout=timeout)
     except BaseException:
         stop_group(server)
         raise
