@@ -89,8 +89,12 @@ CHAT_PATHS = frozenset({"/chat/completions", "/v1/chat/completions"})
 # The service's own routes (FastAPI's); any other path is relayed to vLLM (relay.py).
 OWN_PATHS = frozenset(
     {*OPEN_PATHS, "/v1/models", "/metrics", "/metrics/vllm", "/docs", "/docs/oauth2-redirect",
-     "/redoc", "/openapi.json"}
+     "/redoc", "/openapi.json", "/admin/stats"}
 )  # fmt: skip
+# The web console (web.console): its page and its files are the service's own and open (static;
+# every call the page makes needs the key). With the console off, they are relayed like the rest.
+CONSOLE_PAGE = "/"
+CONSOLE_FILES = "/console/"
 # vLLM 0.32's routes (vllm/entrypoints/): relayed ones keep their path as the metrics' route
 # label; any other path is "other", so a scan of random paths cannot grow the label set.
 VLLM_ROUTES = frozenset(
@@ -101,8 +105,11 @@ VLLM_ROUTES = frozenset(
      "/v1/chat/completions/render", "/v1/completions/render", "/v1/responses/render",
      "/v1/messages/render", "/inference/v1/generate", "/generative_scoring"}
 )  # fmt: skip
-KNOWN_ROUTES = frozenset({*OWN_PATHS, *CHAT_PATHS, *VLLM_ROUTES})
+KNOWN_ROUTES = frozenset({*OWN_PATHS, *CHAT_PATHS, *VLLM_ROUTES, CONSOLE_PAGE})
+# Routes polled every few seconds (probes, scrapes, the console's chart): not in the access log.
+QUIET_ROUTES = frozenset({*OPEN_PATHS, "/metrics", "/admin/stats"})
 _TEMPLATES = (
+    (CONSOLE_FILES, "", "/console/{file}"),
     ("/v1/responses/", "/cancel", "/v1/responses/{id}/cancel"),
     ("/v1/responses/", "", "/v1/responses/{id}"),
     ("/v1/models/", "", "/v1/models/{id}"),
@@ -188,6 +195,7 @@ class GatewayMiddleware:
         lifecycle: Lifecycle,
         metrics: Metrics,
         api_keys: ApiKeys,
+        console: bool = False,
     ) -> None:
         self.app = app
         self.chat = chat
@@ -196,6 +204,11 @@ class GatewayMiddleware:
         self.metrics = metrics
         self.api_keys = api_keys
         self._keys_on = api_keys.enabled  # the keys are set at start-up
+        # With the console, its page is one more own and open path, and its files a prefix
+        # (str.startswith with an empty tuple is False: nothing to test without the console).
+        self._own = OWN_PATHS | {CONSOLE_PAGE} if console else OWN_PATHS
+        self._open = OPEN_PATHS | {CONSOLE_PAGE} if console else OPEN_PATHS
+        self._console_files: tuple[str, ...] = (CONSOLE_FILES,) if console else ()
         # One process: the gauge reads the count when scraped. Several workers: each pushes
         # its own into the shared files, summed when scraped.
         self._push_in_flight = not metrics.read_in_flight(lambda: lifecycle.in_flight)
@@ -217,7 +230,12 @@ class GatewayMiddleware:
         state["headers"] = headers
         token = REQUEST_ID.set(request_id)
         # The chat and relay endpoints add the id, take a slot and note the status themselves.
-        endpoint = self.chat if path in CHAT_PATHS else None if path in OWN_PATHS else self.relay
+        if path in CHAT_PATHS:
+            endpoint: ASGIApp | None = self.chat
+        elif path in self._own or path.startswith(self._console_files):
+            endpoint = None
+        else:
+            endpoint = self.relay
         status = 500
         lifecycle = self.lifecycle
         try:
@@ -269,7 +287,8 @@ class GatewayMiddleware:
             return 503, SHUTTING_DOWN, None, [(b"connection", b"close"), (b"retry-after", b"5")]
         if (
             self.api_keys.enabled
-            and path not in OPEN_PATHS
+            and path not in self._open
+            and not path.startswith(self._console_files)
             and scope["method"] != "OPTIONS"
             and not self.api_keys.accepts(headers.get(b"authorization"))
         ):
@@ -290,7 +309,7 @@ class GatewayMiddleware:
         if first_token is not None:
             first_token -= state["started"]
         self.metrics.observe(route, shape, status, took, usage, first_token)
-        if route in OPEN_PATHS or route == "/metrics":
+        if route in QUIET_ROUTES:
             return  # probes and scrapes every few seconds would drown the access log
         if not access_log.isEnabledFor(logging.INFO):
             return

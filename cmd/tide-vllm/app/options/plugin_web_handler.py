@@ -22,9 +22,11 @@ from tide_vllm.domain.chat.factory import ChatDefaults
 from tide_vllm.domain.chat.repository import EngineMonitor
 from tide_vllm.infrastructure.vllm.processes import command_line, listening_pids
 from tide_vllm.provider.provider import ProviderSettings, open_provider
+from web.console_stats import StatsSampler
 from web.gateway import ApiKeys, GatewayMiddleware, Lifecycle
 from web.metrics import Metrics
 from web.modules.tidevllm.chat import ChatEndpoint, openapi_components, openapi_paths
+from web.modules.tidevllm.console import console_router, stats_router
 from web.modules.tidevllm.controller import router
 from web.modules.tidevllm.errors import install_error_handlers
 from web.modules.tidevllm.relay import RelayEndpoint
@@ -63,8 +65,10 @@ def build_app(
     cors_origins: Sequence[str] = (),
     log_prompts: bool = False,
     body_timeout: float = 30.0,
+    console: bool = True,
 ) -> FastAPI:
-    """The ASGI app; its lifespan opens the provider (and its shared HTTP client).
+    """The ASGI app; its lifespan opens the provider (and its shared HTTP client) and runs the
+    sampler of `/admin/stats`. `console`: the web console at `/` (else `/` is relayed).
 
     Requests pass, in order: CORS (when configured, so preflights are answered before the key
     check), the gateway middleware (drain, keys, ids, limits, metrics, access log), then the
@@ -72,6 +76,7 @@ def build_app(
     metrics = Metrics()
     lifecycle = Lifecycle()
     started = asyncio.Event()  # set once the lifespan has opened the provider
+    stats = StatsSampler(metrics.exposition)
     chat = ChatEndpoint(
         metrics,
         lifecycle,
@@ -99,9 +104,15 @@ def build_app(
                 up=lambda: engine.current().healthy,
                 restarts=lambda: getattr(engine, "total_restarts", 0),
             )
+            sampler = asyncio.get_running_loop().create_task(stats.run())
             started.set()
-            yield
-            chat.application = relay.application = None
+            try:
+                yield
+            finally:
+                sampler.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sampler
+                chat.application = relay.application = None
 
     app = FastAPI(
         title="tide-vllm",
@@ -112,7 +123,11 @@ def build_app(
     app.state.metrics = metrics
     app.state.lifecycle = lifecycle
     app.state.started = started
+    app.state.stats = stats
     app.include_router(router)
+    app.include_router(stats_router)
+    if console:
+        app.include_router(console_router())
     install_error_handlers(app)
     _document_chat(app)
     edge: ASGIApp = GatewayMiddleware(
@@ -122,6 +137,7 @@ def build_app(
         lifecycle=lifecycle,
         metrics=metrics,
         api_keys=ApiKeys(api_keys),
+        console=console,
     )
     if cors_origins:
         edge = CORSMiddleware(
@@ -164,6 +180,7 @@ def build_app_for(
         cors_origins=web.cors_origins,
         log_prompts=config.log.log_prompts,
         body_timeout=web.body_timeout,
+        console=web.console,
     )
 
 
