@@ -10,6 +10,7 @@ CACHE_DIR  ?= $(HOME)/.cache/tide-vllm
 MODEL_DIR  := $(CACHE_DIR)/models/SmolLM2-135M-Instruct
 CONFIG     ?= conf/tide-vllm.cpu.yaml
 STAMP      := $(VENV)/.installed
+CHROMIUM   := /usr/bin/chromium
 
 .PHONY: install lock model run test test-fast lint clean
 
@@ -45,12 +46,21 @@ $(MODEL_DIR)/.tide-vllm-complete: | $(STAMP)
 run: install model
 	$(PY) cmd/tide-vllm/main.py -c $(CONFIG)
 
-test: install model
+test: install model $(CHROMIUM)
 	TIDE_VLLM_MODEL_DIR=$(MODEL_DIR) $(PY) -m pytest -q
 
 # Everything but the real-engine tests (seconds, not minutes).
-test-fast: install
+test-fast: install $(CHROMIUM)
 	$(PY) -m pytest -q -m "not e2e"
+
+# The web console's tests (tests/integration/test_console_ui.py) drive a real browser: Debian's
+# chromium, through Playwright (the `test` extra; Playwright's own browser download is not
+# used). Installed here with apt-get (Debian) when it is missing, as `bench` installs wrk; only
+# for the tests, so `make run` never needs it. Without it those tests fail: they never skip.
+$(CHROMIUM):
+	@echo "test: $(CHROMIUM) is missing (the console's browser tests); installing chromium with apt-get"
+	@apt-get install -y -qq chromium >/dev/null 2>&1 || \
+		{ apt-get update -qq && apt-get install -y -qq chromium; }
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -89,8 +89,12 @@ CHAT_PATHS = frozenset({"/chat/completions", "/v1/chat/completions"})
 # The service's own routes (FastAPI's); any other path is relayed to vLLM (relay.py).
 OWN_PATHS = frozenset(
     {*OPEN_PATHS, "/v1/models", "/metrics", "/metrics/vllm", "/docs", "/docs/oauth2-redirect",
-     "/redoc", "/openapi.json"}
+     "/redoc", "/openapi.json", "/admin/stats"}
 )  # fmt: skip
+# The web console (web.console): its page and its files are the service's own and open (static;
+# every call the page makes needs the key). With the console off, they are relayed like the rest.
+CONSOLE_PAGE = "/"
+CONSOLE_FILES = "/console/"
 # vLLM 0.32's routes (vllm/entrypoints/): relayed ones keep their path as the metrics' route
 # label; any other path is "other", so a scan of random paths cannot grow the label set.
 VLLM_ROUTES = frozenset(
@@ -101,11 +105,14 @@ VLLM_ROUTES = frozenset(
      "/v1/chat/completions/render", "/v1/completions/render", "/v1/responses/render",
      "/v1/messages/render", "/inference/v1/generate", "/generative_scoring"}
 )  # fmt: skip
-KNOWN_ROUTES = frozenset({*OWN_PATHS, *CHAT_PATHS, *VLLM_ROUTES, "/admin/engines"})
+KNOWN_ROUTES = frozenset({*OWN_PATHS, *CHAT_PATHS, *VLLM_ROUTES, CONSOLE_PAGE, "/admin/engines"})
 # Paths under it are the service's own too (the operators' API; FastAPI answers 404 for the
 # rest of it, never vLLM).
 ADMIN_PREFIX = "/admin/"
+# Routes polled every few seconds (probes, scrapes, the console): not in the access log.
+QUIET_ROUTES = frozenset({*OPEN_PATHS, "/metrics", "/admin/stats", "/admin/engines"})
 _TEMPLATES = (
+    (CONSOLE_FILES, "", "/console/{file}"),
     ("/admin/engines/", "/drain", "/admin/engines/{name}/drain"),
     ("/admin/engines/", "/resume", "/admin/engines/{name}/resume"),
     ("/v1/responses/", "/cancel", "/v1/responses/{id}/cancel"),
@@ -193,6 +200,7 @@ class GatewayMiddleware:
         lifecycle: Lifecycle,
         metrics: Metrics,
         api_keys: ApiKeys,
+        console: bool = False,
     ) -> None:
         self.app = app
         self.chat = chat
@@ -201,6 +209,11 @@ class GatewayMiddleware:
         self.metrics = metrics
         self.api_keys = api_keys
         self._keys_on = api_keys.enabled  # the keys are set at start-up
+        # With the console, its page is one more own and open path, and its files a prefix
+        # (str.startswith with an empty tuple is False: nothing to test without the console).
+        self._own = OWN_PATHS | {CONSOLE_PAGE} if console else OWN_PATHS
+        self._open = OPEN_PATHS | {CONSOLE_PAGE} if console else OPEN_PATHS
+        self._console_files: tuple[str, ...] = (CONSOLE_FILES,) if console else ()
         # One process: the gauge reads the count when scraped. Several workers: each pushes
         # its own into the shared files, summed when scraped.
         self._push_in_flight = not metrics.read_in_flight(lambda: lifecycle.in_flight)
@@ -223,8 +236,12 @@ class GatewayMiddleware:
         token = REQUEST_ID.set(request_id)
         # The chat and relay endpoints add the id, take a slot and note the status themselves.
         if path in CHAT_PATHS:
-            endpoint = self.chat
-        elif path in OWN_PATHS or path.startswith(ADMIN_PREFIX):
+            endpoint: ASGIApp | None = self.chat
+        elif (
+            path in self._own
+            or path.startswith(ADMIN_PREFIX)
+            or path.startswith(self._console_files)
+        ):
             endpoint = None
         else:
             endpoint = self.relay
@@ -279,7 +296,8 @@ class GatewayMiddleware:
             return 503, SHUTTING_DOWN, None, [(b"connection", b"close"), (b"retry-after", b"5")]
         if (
             self.api_keys.enabled
-            and path not in OPEN_PATHS
+            and path not in self._open
+            and not path.startswith(self._console_files)
             and scope["method"] != "OPTIONS"
             and not self.api_keys.accepts(headers.get(b"authorization"))
         ):
@@ -300,7 +318,7 @@ class GatewayMiddleware:
         if first_token is not None:
             first_token -= state["started"]
         self.metrics.observe(route, shape, status, took, usage, first_token)
-        if route in OPEN_PATHS or route == "/metrics":
+        if route in QUIET_ROUTES:
             return  # probes and scrapes every few seconds would drown the access log
         if not access_log.isEnabledFor(logging.INFO):
             return

@@ -76,6 +76,11 @@ class WebConfig(_Section):
     body_timeout: float = Field(
         30, gt=0, description="A request body not complete by then is answered 408."
     )
+    console: bool = Field(
+        True,
+        description="The web console at / (a chat playground and the engines' status); "
+        "false: / is relayed to vLLM like any other path.",
+    )
 
 
 class VLLMConfig(_Section):

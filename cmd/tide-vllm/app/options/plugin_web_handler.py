@@ -23,9 +23,11 @@ from tide_vllm.domain.chat.factory import ChatDefaults
 from tide_vllm.domain.chat.repository import EngineMonitor
 from tide_vllm.infrastructure.vllm.processes import command_line, listening_pids
 from tide_vllm.provider.provider import EngineSettings, ProviderSettings, open_provider
+from web.console_stats import StatsSampler
 from web.gateway import ApiKeys, GatewayMiddleware, Lifecycle
 from web.metrics import Metrics
 from web.modules.tidevllm.chat import ChatEndpoint, openapi_components, openapi_paths
+from web.modules.tidevllm.console import console_router, stats_router
 from web.modules.tidevllm.controller import router
 from web.modules.tidevllm.errors import install_error_handlers
 from web.modules.tidevllm.relay import RelayEndpoint
@@ -88,8 +90,10 @@ def build_app(
     body_timeout: float = 30.0,
     monitors: Mapping[str, EngineMonitor] | None = None,
     drains: DrainStore | None = None,
+    console: bool = True,
 ) -> FastAPI:
-    """The ASGI app; its lifespan opens the provider (and its shared HTTP client).
+    """The ASGI app; its lifespan opens the provider (and its shared HTTP client) and runs the
+    sampler of `/admin/stats`. `console`: the web console at `/` (else `/` is relayed).
 
     Requests pass, in order: CORS (when configured, so preflights are answered before the key
     check), the gateway middleware (drain, keys, ids, limits, metrics, access log), then the
@@ -97,6 +101,7 @@ def build_app(
     metrics = Metrics()
     lifecycle = Lifecycle()
     started = asyncio.Event()  # set once the lifespan has opened the provider
+    stats = StatsSampler(metrics.exposition)
     chat = ChatEndpoint(
         metrics,
         lifecycle,
@@ -132,12 +137,14 @@ def build_app(
                 engines=lambda: [(v.name, v.healthy, v.restarts) for v in engines.views()],
             )
             watcher = asyncio.get_running_loop().create_task(engines.watch(), name="engines")
+            sampler = asyncio.get_running_loop().create_task(stats.run())
             started.set()
             try:
                 yield
             finally:
                 watcher.cancel()
-                await asyncio.gather(watcher, return_exceptions=True)
+                sampler.cancel()
+                await asyncio.gather(watcher, sampler, return_exceptions=True)
                 chat.application = relay.application = None
 
     app = FastAPI(
@@ -149,7 +156,11 @@ def build_app(
     app.state.metrics = metrics
     app.state.lifecycle = lifecycle
     app.state.started = started
+    app.state.stats = stats
     app.include_router(router)
+    app.include_router(stats_router)
+    if console:
+        app.include_router(console_router())
     install_error_handlers(app)
     _document_chat(app)
     edge: ASGIApp = GatewayMiddleware(
@@ -159,6 +170,7 @@ def build_app(
         lifecycle=lifecycle,
         metrics=metrics,
         api_keys=ApiKeys(api_keys),
+        console=console,
     )
     if cors_origins:
         edge = CORSMiddleware(
@@ -209,6 +221,7 @@ def build_app_for(
         body_timeout=web.body_timeout,
         monitors=monitors,
         drains=drains,
+        console=web.console,
     )
 
 
