@@ -320,7 +320,13 @@ async def test_models_lists_each_served_model_once(make_fleet):
 # -- failures -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("failure", [refuse, unavailable], ids=["connect refused", "503"])
+async def lost(request: httpx.Request) -> httpx.Response | None:
+    raise httpx.ReadError("connection reset by peer", request=request)
+
+
+@pytest.mark.parametrize(
+    "failure", [refuse, unavailable, lost], ids=["connect refused", "503", "connection lost"]
+)
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
 async def test_an_engine_that_refuses_a_request_is_replaced_once(make_fleet, failure, stream):
     fleet = await make_fleet(two(), policy="round_robin")

@@ -30,7 +30,7 @@ class Clock:
 def metrics(monkeypatch: pytest.MonkeyPatch) -> Metrics:
     monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
     metrics = Metrics()
-    metrics.watch_engine(up=lambda: True, restarts=lambda: 0)
+    metrics.watch_engines(up=lambda: True, engines=lambda: [])
     return metrics
 
 

@@ -1,7 +1,8 @@
 """The engines behind the gateway, as the use cases see them: which one takes a request (the
 fleet's routing, pkg/tide_vllm/domain/fleet), the request run on it with its load counted from
-dispatch to end, and the one retry on another engine of the model when the first could not
-have run it (no connection was made, or it answered 503 before any byte went to the caller).
+dispatch to end, and the one retry on another engine of the model when the first will not run
+it and nothing of its answer has reached the caller (no connection was made, it answered 503,
+or the connection was lost before its answer was in: vLLM aborts such a request).
 
 A fleet of one engine is the same path, with nothing to choose: no prefix hashing, and the
 engine's own status decides (503 at once while it cannot serve)."""
@@ -24,7 +25,6 @@ from tide_vllm.domain.chat.entity import (
     EngineState,
     EngineStatus,
     EngineUnavailable,
-    EngineUnreachable,
     InvalidChatRequest,
     ModelNotFound,
     RelayRequest,
@@ -153,8 +153,11 @@ class _Attempt:
 
 
 def _retriable(exc: ChatError) -> bool:
-    """The engine certainly did not run the request: it could not be reached, or it said 503."""
-    return isinstance(exc, EngineUnreachable) or (
+    """The engine will not run the request to its end, and nothing of its answer reached the
+    caller: it could not be reached, it said 503, or the connection was lost before its answer
+    was in (vLLM aborts a request whose connection is gone; a killed engine resets the
+    connections it had). A timeout is not one: the engine may still be working on it."""
+    return isinstance(exc, EngineUnavailable) or (
         isinstance(exc, EngineFailed) and exc.status == 503
     )
 
