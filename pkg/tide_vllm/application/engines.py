@@ -379,10 +379,14 @@ class Engines:
             raise ModelNotFound(model)
         for upstream in upstreams:
             self._sync(upstream)
-        try:
-            decision = self.fleet.choose(model, features, exclude)
-        except NoEngineAvailable:
-            decision = self._fallback(model, features, exclude)
+        only = upstreams[0].name if len(upstreams) == 1 else None
+        if only is not None and not exclude and self.fleet.engine(only).routable(self._clock()):
+            decision = Decision(model, only, Reason.FALLBACK, features)  # nothing to choose
+        else:
+            try:
+                decision = self.fleet.choose(model, features, exclude)
+            except NoEngineAvailable:
+                decision = self._fallback(model, features, exclude)
         ticket = self.fleet.on_dispatch(decision)
         self.observer.dispatched(decision.engine, decision.reason.value)
         return _Attempt(self.upstreams[decision.engine], ticket)
