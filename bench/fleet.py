@@ -102,7 +102,7 @@ def tide_config(port: int, replicas: list[Server], policy: str, model: str) -> s
     )
     return (
         f"web: {{bind_address: {{host: 127.0.0.1, port: {port}}}}}\n"
-        "vllm: {timeout: 300}\n"
+        f"vllm: {{timeout: 300, model_name: {model}}}\n"
         f"engines:\n{engines}"
         f"routing: {{policy: {policy}}}\n"
         "log: {level: WARNING}\n"
