@@ -122,6 +122,24 @@ class VLLMConfig(_Section):
         0.9, gt=0.0, le=1.0, description="Share of GPU memory vLLM may use."
     )
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs the model is split across.")
+    pipeline_parallel_size: int = Field(
+        1,
+        ge=1,
+        description="Stages the model's layers are split into, each on tensor_parallel_size GPUs "
+        "(stages may be on other nodes, with Ray); passed to vLLM when above 1.",
+    )
+    data_parallel_size: int = Field(
+        1,
+        ge=1,
+        description="Copies of the model this one vLLM runs behind its API server, each on "
+        "tensor_parallel_size x pipeline_parallel_size GPUs; passed to vLLM when above 1.",
+    )
+    distributed_executor_backend: Literal["mp", "ray"] | None = Field(
+        None,
+        description="How vLLM runs its GPU workers: mp, processes on this machine; ray, on the "
+        "nodes of a Ray cluster already running (docs/scale-out.md); null = vLLM chooses "
+        "(mp when the GPUs are on this machine).",
+    )
     max_num_seqs: int = Field(256, ge=1, description="Sequences vLLM runs at once.")
     max_num_batched_tokens: int = Field(8192, ge=1, description="Tokens vLLM batches per step.")
     max_model_len: int = Field(

@@ -92,6 +92,12 @@ class EngineSpec(Protocol):
     @property
     def tensor_parallel_size(self) -> int: ...
     @property
+    def pipeline_parallel_size(self) -> int: ...
+    @property
+    def data_parallel_size(self) -> int: ...
+    @property
+    def distributed_executor_backend(self) -> str | None: ...
+    @property
     def max_num_seqs(self) -> int: ...
     @property
     def max_num_batched_tokens(self) -> int: ...
@@ -143,8 +149,9 @@ def default_vllm_command() -> list[str]:
 
 
 def build_command(config: EngineSpec) -> list[str]:
-    """The launch command followed by one flag per start-up key of the spec, then the flag
-    that keeps the health probe out of vLLM's access log, then the user's `extra_args`."""
+    """The launch command followed by one flag per start-up key of the spec, the scale-out
+    keys' flags that are set, the flag that keeps the health probe out of vLLM's access log,
+    then the user's `extra_args`."""
     command = list(config.command) if config.command else default_vllm_command()
 
     def toggle(name: str, on: bool) -> str:
@@ -153,6 +160,15 @@ def build_command(config: EngineSpec) -> list[str]:
     # vLLM's parser takes --flag=value and --flag_name as well as --flag-name.
     given = {arg.split("=", 1)[0].replace("_", "-") for arg in config.extra_args}
     quiet_probe = [] if given & set(ACCESS_LOG_FLAGS) else [ACCESS_LOG_FLAGS[0], PROBE_PATH]
+    # The scale-out flags only when they differ from vLLM's defaults (1, 1, vLLM's choice): a
+    # configuration that does not scale out keeps the command line it always had.
+    scale_out: list[str] = []
+    if config.pipeline_parallel_size > 1:
+        scale_out += ["--pipeline-parallel-size", str(config.pipeline_parallel_size)]
+    if config.data_parallel_size > 1:
+        scale_out += ["--data-parallel-size", str(config.data_parallel_size)]
+    if config.distributed_executor_backend is not None:
+        scale_out += ["--distributed-executor-backend", config.distributed_executor_backend]
     return [
         *command,
         "--model", config.model_path,
@@ -161,6 +177,7 @@ def build_command(config: EngineSpec) -> list[str]:
         "--port", str(config.port),
         "--gpu-memory-utilization", str(config.gpu_memory_utilization),
         "--tensor-parallel-size", str(config.tensor_parallel_size),
+        *scale_out,
         "--max-num-seqs", str(config.max_num_seqs),
         "--max-num-batched-tokens", str(config.max_num_batched_tokens),
         "--max-model-len", str(config.max_model_len),
