@@ -18,9 +18,11 @@ from granian.server.embed import Server
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp
 
+from tide_vllm.application.discovery import Resolver
 from tide_vllm.application.engines import DrainStore
 from tide_vllm.domain.chat.factory import ChatDefaults
 from tide_vllm.domain.chat.repository import EngineMonitor
+from tide_vllm.infrastructure.vllm.discovery import resolve
 from tide_vllm.infrastructure.vllm.processes import command_line, listening_pids
 from tide_vllm.provider.provider import EngineSettings, ProviderSettings, open_provider
 from web.console_stats import StatsSampler
@@ -91,8 +93,10 @@ def build_app(
     monitors: Mapping[str, EngineMonitor] | None = None,
     drains: DrainStore | None = None,
     console: bool = True,
+    resolver: Resolver = resolve,
 ) -> FastAPI:
     """The ASGI app; its lifespan opens the provider (and its shared HTTP client) and runs the
+    engines' watcher, the discovery of engines (`resolver` looks their names up) and the
     sampler of `/admin/stats`. `console`: the web console at `/` (else `/` is relayed).
 
     Requests pass, in order: CORS (when configured, so preflights are answered before the key
@@ -127,6 +131,7 @@ def build_app(
             monitors=monitors,
             observer=metrics.engines,
             drains=drains,
+            resolver=resolver,
         ) as provider:
             app.state.provider = provider
             chat.application = relay.application = provider.application
@@ -136,15 +141,20 @@ def build_app(
                 up=lambda: engines.health().healthy,
                 engines=lambda: [(v.name, v.healthy, v.restarts) for v in engines.views()],
             )
-            watcher = asyncio.get_running_loop().create_task(engines.watch(), name="engines")
-            sampler = asyncio.get_running_loop().create_task(stats.run())
+            loop = asyncio.get_running_loop()
+            tasks = {
+                loop.create_task(engines.watch(), name="engines"),
+                loop.create_task(stats.run()),
+            }
+            if provider.discovery is not None:
+                tasks.add(loop.create_task(provider.discovery.run(), name="discovery"))
             started.set()
             try:
                 yield
             finally:
-                watcher.cancel()
-                sampler.cancel()
-                await asyncio.gather(watcher, sampler, return_exceptions=True)
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
                 chat.application = relay.application = None
 
     app = FastAPI(
