@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing
 import re
 import socket
 
@@ -14,6 +15,7 @@ from tide_vllm.application.discovery import Discovery, Pool, engine_name
 from tide_vllm.application.engines import NO_FEATURES, Engines, Upstream
 from tide_vllm.domain.chat.entity import EngineState, EngineStatus, EngineUnavailable
 from tide_vllm.infrastructure.vllm.discovery import resolve
+from tide_vllm_cmd.app.options.workers import SharedDrains
 
 READY = EngineStatus(EngineState.READY, True, "healthy")
 UNCHECKED = EngineStatus(EngineState.EXTERNAL, False, "vLLM not checked yet")
@@ -245,3 +247,11 @@ async def test_the_resolver_says_nothing_for_a_name_without_address_and_raises_w
     assert await resolve("gone.test", 8000) == []
     with pytest.raises(OSError, match="Temporary failure"):
         await resolve("down.test", 8000)
+
+
+def test_with_several_workers_a_found_engines_drain_holds_in_its_own_worker():
+    drains = SharedDrains(multiprocessing.get_context("spawn"), ["gpu0"])
+    drains.set("pool-10-0-0-5", True)
+    drains.set("gpu0", True)
+    assert drains.get("pool-10-0-0-5") and drains.get("gpu0")
+    assert not drains.get("pool-10-0-0-6")

@@ -24,7 +24,12 @@ from tide_vllm.domain.chat.factory import ChatDefaults
 from tide_vllm.domain.chat.repository import EngineMonitor
 from tide_vllm.infrastructure.vllm.discovery import resolve
 from tide_vllm.infrastructure.vllm.processes import command_line, listening_pids
-from tide_vllm.provider.provider import EngineSettings, ProviderSettings, open_provider
+from tide_vllm.provider.provider import (
+    DiscoverySettings,
+    EngineSettings,
+    ProviderSettings,
+    open_provider,
+)
 from web.console_stats import StatsSampler
 from web.gateway import ApiKeys, GatewayMiddleware, Lifecycle
 from web.metrics import Metrics
@@ -46,12 +51,28 @@ def provider_settings(
     engine_configs: Mapping[str, EngineConfig] | None = None,
 ) -> ProviderSettings:
     """The provider's settings. With `engines:`, each engine as the vLLM plugin left it
-    (`engine_configs`: an auto-started one carries the key tide-vllm gave it)."""
+    (`engine_configs`: an auto-started one carries the key tide-vllm gave it), and each entry
+    that discovers its engines."""
     v = config.vllm
-    engines: tuple[EngineSettings, ...] = ()
-    if config.engines is not None:
-        known = engine_configs or {}
-        engines = tuple(
+    engines: list[EngineSettings] = []
+    discovered: list[DiscoverySettings] = []
+    known = engine_configs or {}
+    for entry in config.engines or ():
+        where = entry.discovered_at
+        if where is not None:
+            discovered.append(
+                DiscoverySettings(
+                    name=entry.name,
+                    model=entry.model_name,
+                    host=where[0],
+                    port=where[1],
+                    api_key=entry.api_key,
+                    health_interval=entry.health_interval,
+                    timeout=entry.timeout,
+                )
+            )
+            continue
+        engines.append(
             EngineSettings(
                 name=entry.name,
                 model=entry.model_name,
@@ -59,15 +80,16 @@ def provider_settings(
                 api_key=known.get(entry.name, entry).api_key,
                 auto_start=entry.auto_start,
                 health_interval=entry.health_interval,
+                timeout=entry.timeout,
             )
-            for entry in config.engines
         )
     return ProviderSettings(
         base_url=v.base_url,
         timeout=v.timeout,
         api_key=upstream_api_key or v.api_key,
         pool_size=config.web.max_concurrent_requests + 16,  # chats, plus probes and models
-        engines=engines,
+        engines=tuple(engines),
+        discovered=tuple(discovered),
         policy=config.routing.policy,
         defaults=ChatDefaults(
             model=v.model_name,
