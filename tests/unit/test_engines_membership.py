@@ -144,3 +144,14 @@ async def test_a_fleet_that_may_find_engines_is_never_a_fleet_of_one():
 def test_engines_need_an_engine_or_a_place_to_find_them():
     with pytest.raises(ValueError):
         Engines([], default_model="m")
+
+
+async def test_a_check_that_raises_leaves_the_engines_last_status():
+    class Closed(Monitor):
+        async def check(self) -> EngineStatus:
+            raise RuntimeError("Session is closed")  # its client closed as it left
+
+    closed = Upstream("b", "m", None, None, Closed())  # type: ignore[arg-type]
+    engines = Engines([upstream("a"), closed], default_model="m")
+    health = await engines.check()
+    assert health.healthy and [v.state for v in health.engines] == ["ready", "ready"]

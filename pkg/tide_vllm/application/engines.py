@@ -565,9 +565,10 @@ class Engines:
         return self.upstreams[name]
 
     async def check(self) -> FleetHealth:
-        """A fresh status of every engine, asked at once."""
+        """A fresh status of every engine, asked at once. A check that raises (an engine
+        leaving, its client closed under it) leaves that engine's last status."""
         upstreams = list(self.upstreams.values())
-        await asyncio.gather(*(u.monitor.check() for u in upstreams))
+        await asyncio.gather(*(u.monitor.check() for u in upstreams), return_exceptions=True)
         return self.health()
 
     def health(self) -> FleetHealth:
