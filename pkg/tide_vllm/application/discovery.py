@@ -106,14 +106,17 @@ class Discovery:
         """Every pool's name, looked up once (all at once), and its engines made to match."""
         async with self._lock:
             looked = await asyncio.gather(*(self._lookup(p) for p in self.pools))
-            joining: list[Upstream] = []
+            joining: list[tuple[Pool, str, Upstream]] = []
             for pool, addresses in zip(self.pools, looked, strict=True):
                 if addresses is not None:
                     joining += self._update(pool, addresses)
             # Asked before they join, so that each joins in its true state.
-            await asyncio.gather(*(u.monitor.check() for u in joining), return_exceptions=True)
-            for upstream in joining:
+            checks = (upstream.monitor.check() for _, _, upstream in joining)
+            await asyncio.gather(*checks, return_exceptions=True)
+            for pool, address, upstream in joining:
                 self.engines.add(upstream)
+                self._found[pool.name][upstream.name] = address
+                log.info("engine %s found at %s (%s)", upstream.name, address, pool.url)
 
     async def aclose(self) -> None:
         """Stop waiting for the engines that left: what they hold is the caller's to free."""
@@ -148,8 +151,8 @@ class Discovery:
             self._trouble[pool.name] = message
             log.warning("engines %s: %s", pool.name, message)
 
-    def _update(self, pool: Pool, addresses: list[str]) -> list[Upstream]:
-        """Takes out the engines of addresses gone; the engines of new ones, to add."""
+    def _update(self, pool: Pool, addresses: list[str]) -> list[tuple[Pool, str, Upstream]]:
+        """Takes out the engines of addresses gone; builds those of new ones, to add."""
         found = self._found[pool.name]
         wanted = {engine_name(pool.name, a): a for a in addresses}
         for name in [n for n in found if n not in wanted]:
@@ -172,9 +175,7 @@ class Discovery:
                     )  # fmt: skip
                 continue
             self._clashes.discard(name)
-            found[name] = address
-            joining.append(self._build(pool, name, address))
-            log.info("engine %s found at %s (%s)", name, address, pool.url)
+            joining.append((pool, address, self._build(pool, name, address)))
         return joining
 
     async def _retire(self, upstream: Upstream) -> None:
