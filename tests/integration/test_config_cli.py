@@ -87,6 +87,14 @@ def test_a_yaml_syntax_error_gives_its_line(tmp_path):
             "engines:\n  - {name: a, port: 8001}\n  - {name: b, port: 8001}\n",
             ["engines[1].port:", "'a' (engines[0]) and 'b' would both listen on 0.0.0.0:8001"],
         ),
+        (
+            "engines:\n  - {name: pool, discover: 'dns://vllm:8000'}\n",
+            ["engines[0].discover: tide-vllm starts no engine", "auto_start: false"],
+        ),
+        (
+            "engines:\n  - {name: pool, auto_start: false, discover: 'vllm:8000'}\n",
+            ["engines[0].discover:", "must be dns://NAME:PORT"],
+        ),
         ("- a list\n", ["top level must be a mapping"]),
     ],
 )

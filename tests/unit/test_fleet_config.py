@@ -14,6 +14,9 @@ from tide_vllm_cmd.app.options.options import (
     check_model_path,
     load_config,
 )
+from tide_vllm_cmd.app.options.plugin_vllm import VLLMPlugin
+from tide_vllm_cmd.app.options.plugin_web_handler import provider_settings
+from tide_vllm_cmd.app.server import Context
 
 TWO_GPUS = {
     "vllm": {
@@ -86,7 +89,8 @@ def test_without_engines_the_fleet_is_the_vllm_section_named_default(tmp_path):
         8123,
         "m",
     )
-    assert engine.model_dump(exclude={"name"}) == config.vllm.model_dump()
+    assert engine.model_dump(exclude={"name", "discover"}) == config.vllm.model_dump()
+    assert engine.discover is None
 
 
 def test_the_routing_policy_is_read(tmp_path):
@@ -214,3 +218,99 @@ def test_a_missing_local_model_of_an_entry_is_named_by_its_path(tmp_path):
         check_model_path(config.fleet()[1], "x.yaml")
     assert str(info.value).startswith(f"x.yaml: engines[1].model_path: '{missing}' does not")
     assert "engines[1].auto_start: false" in str(info.value)
+
+
+# -- discover: dns://NAME:PORT
+
+POOL = "dns://vllm-headless.default.svc.cluster.local:8000"
+
+
+def discovering(**entry: object) -> dict:
+    return {
+        "vllm": {"model_name": "qwen", "api_key": "k", "timeout": 90, "health_interval": 3},
+        "engines": [
+            {"name": "gpu0", "port": 8001},
+            {"name": "pool", "auto_start": False, "discover": POOL, **entry},
+        ],
+    }
+
+
+def test_an_entry_that_discovers_its_engines_gives_them_its_other_keys(tmp_path):
+    config = load(tmp_path, discovering(timeout=120, api_key="pool-key"))
+    gpu0, pool = config.fleet()
+    assert pool.discovered_at == ("vllm-headless.default.svc.cluster.local", 8000)
+    assert gpu0.discovered_at is None
+    settings = provider_settings(config)
+    assert [e.name for e in settings.engines] == ["gpu0"]
+    (found,) = settings.discovered
+    assert (found.name, found.model, found.host, found.port) == (
+        "pool",
+        "qwen",
+        "vllm-headless.default.svc.cluster.local",
+        8000,
+    )
+    assert (found.api_key, found.timeout, found.health_interval) == ("pool-key", 120, 3)
+    assert settings.engines[0].timeout == 90  # each engine's own timeout, as any key
+
+
+def test_a_disabled_entry_that_would_discover_is_one_disabled_engine(tmp_path):
+    config = load(tmp_path, discovering(enabled=False))
+    assert config.fleet()[1].discovered_at is None
+    settings = provider_settings(config)
+    assert [e.name for e in settings.engines] == ["gpu0", "pool"] and not settings.discovered
+
+
+def test_an_entry_that_discovers_must_not_be_auto_started(tmp_path):
+    config = discovering()
+    del config["engines"][1]["auto_start"]  # vllm.auto_start: true by default
+    message = error_of(tmp_path, config)
+    assert "engines[1].discover: tide-vllm starts no engine at an address it finds" in message
+    assert "auto_start: false" in message
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("http://vllm:8000", "the scheme must be dns://"),
+        ("dns://vllm", "no PORT"),
+        ("dns://vllm:0", "PORT must be from 1 to 65535"),
+        ("dns://vllm:eighty", "Port could not be cast"),
+        ("dns://:8000", "no NAME"),
+        ("dns://vllm:8000/v1", "nothing but NAME:PORT"),
+        ("dns://bad..name:8000", "'bad..name' is neither a DNS name nor an IP address"),
+        ("vllm-headless:8000", "the scheme must be dns://"),
+    ],
+)
+def test_a_malformed_discover_url_is_an_error_naming_the_key(tmp_path, url, why):
+    message = error_of(tmp_path, discovering(discover=url))
+    assert "engines[1].discover: Value error, must be dns://NAME:PORT" in message
+    assert why in message
+
+
+def test_discover_belongs_to_an_entry_not_to_vllm(tmp_path):
+    message = error_of(tmp_path, {"vllm": {"discover": POOL}})
+    assert "vllm.discover: unknown key" in message
+
+
+def test_an_ipv6_name_in_brackets_is_accepted(tmp_path):
+    config = load(tmp_path, discovering(discover="dns://[fd00::5]:9000"))
+    assert config.fleet()[1].discovered_at == ("fd00::5", 9000)
+
+
+async def test_the_vllm_plugin_leaves_an_entry_that_discovers_to_the_web_layer(tmp_path):
+    config = load(
+        tmp_path,
+        {
+            "engines": [
+                {"name": "off", "enabled": False},
+                {"name": "pool", "auto_start": False, "discover": POOL},
+            ]
+        },
+    )
+    ctx = Context(tmp_path / "tide-vllm.yaml", config)
+    plugin = VLLMPlugin()
+    await plugin.start(ctx)
+    try:
+        assert list(ctx.engines) == ["off"] and list(ctx.engine_configs) == ["off"]
+    finally:
+        await plugin.stop(ctx)

@@ -216,3 +216,14 @@ def test_an_engine_can_join_and_leave_the_fleet():
     fleet.on_end(ticket, Outcome.OK)  # its ticket ends quietly
     fleet.remove("e1")
     assert fleet.models() == []
+
+
+def test_a_ticket_of_a_removed_engine_does_not_end_on_its_namesake_added_later():
+    fleet = admitted(Engine("e1", "m"))
+    ticket = fleet.on_dispatch(fleet.choose("m", conversation("q")))
+    fleet.remove("e1")
+    fleet.add(Engine("e1", "m", admitted=True))
+    fleet.on_dispatch(fleet.choose("m", conversation("other")))
+    fleet.on_end(ticket, Outcome.FAILED)
+    (e1,) = fleet.snapshot()
+    assert (e1.requests, e1.failures) == (1, 0)

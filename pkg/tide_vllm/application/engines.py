@@ -5,14 +5,17 @@ it and nothing of its answer has reached the caller (no connection was made, it 
 or the connection was lost before its answer was in: vLLM aborts such a request).
 
 A fleet of one engine is the same path, with nothing to choose: no prefix hashing, and the
-engine's own status decides (503 at once while it cannot serve)."""
+engine's own status decides (503 at once while it cannot serve).
+
+Engines may join and leave while requests run (`add`, `remove`: the engines found by
+discovery); one that leaves takes no new request, and those it has in flight finish."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -142,6 +145,17 @@ class FleetHealth:
     engines: list[EngineView]
 
 
+class _Leaving:
+    """An engine removed with requests in flight: set once they have all ended."""
+
+    __slots__ = ("upstream", "requests", "done")
+
+    def __init__(self, upstream: Upstream, requests: int) -> None:
+        self.upstream = upstream
+        self.requests = requests
+        self.done = asyncio.Event()
+
+
 class _Attempt:
     __slots__ = ("upstream", "ticket", "first_token", "ended")
 
@@ -171,7 +185,12 @@ def _outcome_of(exc: ChatError) -> Outcome:
 
 
 class Engines:
-    """Routes the use cases' requests over the engines. Owned by the event loop."""
+    """Routes the use cases' requests over the engines. Owned by the event loop.
+
+    `discovered`: the models whose engines are found while running, each with where they are
+    looked for (for the 503 of a model that has none yet). Such a model is served (not a 404,
+    and /health wants a ready engine of it) even while it has no engine, and the fleet is
+    never a fleet of one."""
 
     def __init__(
         self,
@@ -182,8 +201,9 @@ class Engines:
         observer: RoutingObserver | None = None,
         clock: Callable[[], float] = time.monotonic,
         drains: DrainStore | None = None,
+        discovered: Mapping[str, str] | None = None,
     ) -> None:
-        if not upstreams:
+        if not upstreams and not discovered:
             raise ValueError("at least one engine is needed")
         self.upstreams = {u.name: u for u in upstreams}
         self.default_model = default_model
@@ -197,7 +217,13 @@ class Engines:
         self._by_model: dict[str, list[Upstream]] = {}
         for upstream in upstreams:
             self._by_model.setdefault(upstream.model, []).append(upstream)
-        self.single = upstreams[0] if len(upstreams) == 1 else None
+        self._discovered = dict(discovered or {})
+        for model in self._discovered:
+            self._by_model.setdefault(model, [])
+        # Nothing to choose, for ever: one engine, and none to be found. Once gone, it stays
+        # gone (an engine added may leave again, and another come).
+        self.single = upstreams[0] if len(upstreams) == 1 and not self._discovered else None
+        self._leaving: dict[int, _Leaving] = {}  # by id() of the Upstream removed
         self._hashing = isinstance(self.fleet.policy, PrefixAffinity)
         self._metrics: dict[str, EngineMetrics] = {}
         self._states: dict[str, tuple[str, float]] = {}
@@ -377,6 +403,8 @@ class Engines:
         upstreams = self._by_model.get(model)
         if upstreams is None:
             raise ModelNotFound(model)
+        if not upstreams:
+            raise EngineUnavailable(self._why_not(model, exclude))
         for upstream in upstreams:
             self._sync(upstream)
         only = upstreams[0].name if len(upstreams) == 1 else None
@@ -416,6 +444,12 @@ class Engines:
                 return f"engine {self.single.name} is draining"
             status = self.single.monitor.current()
             return status.detail or f"vLLM is {status.state.value}"
+        if not self._by_model[model]:
+            return (
+                f"no engine of model {model} is known now: none is found at "
+                f"{self._discovered.get(model, 'its discovery')} (looked for again every "
+                "few seconds)"
+            )
         reasons = []
         for upstream in self._by_model[model]:
             if upstream.name in exclude:
@@ -449,6 +483,47 @@ class Engines:
         attempt.ended = True
         self.fleet.on_end(attempt.ticket, outcome)
         self.observer.ended(attempt.upstream.name, outcome is Outcome.FAILED)
+        if self._leaving:
+            leaving = self._leaving.get(id(attempt.upstream))
+            if leaving is not None:
+                leaving.requests -= 1
+                if leaving.requests <= 0:
+                    del self._leaving[id(attempt.upstream)]
+                    leaving.done.set()
+
+    # -- engines joining and leaving -------------------------------------------------------
+    def add(self, upstream: Upstream) -> None:
+        """A new engine: it takes requests once its monitor says it is healthy."""
+        if upstream.name in self.upstreams:
+            raise ValueError(f"engine {upstream.name!r} is already in the fleet")
+        self.fleet.add(Engine(upstream.name, upstream.model))
+        self.upstreams[upstream.name] = upstream
+        self._by_model.setdefault(upstream.model, []).append(upstream)
+        self.single = None
+        self._sync(upstream)
+
+    def remove(self, name: str) -> Upstream:
+        """Take the engine out: it takes no new request (a retry included); the requests it
+        has in flight finish (`drained` says when). Raises UnknownEngine."""
+        engine = self.fleet.remove(name)
+        upstream = self.upstreams.pop(name)
+        peers = self._by_model[upstream.model]
+        peers.remove(upstream)
+        if not peers and upstream.model not in self._discovered:
+            del self._by_model[upstream.model]
+        for notes in (self._metrics, self._states, self._probed_at):
+            notes.pop(name, None)
+        if self._drains is not None and engine.draining:
+            self._drains.set(name, False)  # an engine found again later is a new one
+        if engine.requests > 0:
+            self._leaving[id(upstream)] = _Leaving(upstream, engine.requests)
+        return upstream
+
+    async def drained(self, upstream: Upstream) -> None:
+        """Returns once no request is in flight on `upstream`, an engine removed."""
+        leaving = self._leaving.get(id(upstream))
+        if leaving is not None:
+            await leaving.done.wait()
 
     # -- models, health, operators ---------------------------------------------------------
     def ensure(self, upstream: Upstream) -> None:
@@ -487,19 +562,22 @@ class Engines:
     def upstream(self, name: str | None) -> Upstream:
         """The engine called `name` (the first one for None); UnknownEngine if none is."""
         if name is None:
+            if not self.upstreams:
+                raise EngineUnavailable("no engine is known now")
             return next(iter(self.upstreams.values()))
         self.fleet.engine(name)  # raises UnknownEngine
         return self.upstreams[name]
 
     async def check(self) -> FleetHealth:
-        """A fresh status of every engine, asked at once."""
+        """A fresh status of every engine, asked at once. A check that raises (an engine
+        leaving, its client closed under it) leaves that engine's last status."""
         upstreams = list(self.upstreams.values())
-        await asyncio.gather(*(u.monitor.check() for u in upstreams))
+        await asyncio.gather(*(u.monitor.check() for u in upstreams), return_exceptions=True)
         return self.health()
 
     def health(self) -> FleetHealth:
         views = self.views()
-        ready: dict[str, bool] = {}
+        ready = {model: False for model in self._by_model}
         for view in views:
             ready[view.model] = ready.get(view.model, False) or (view.healthy and not view.draining)
         healthy = all(ready.values())
@@ -600,6 +678,8 @@ class Engines:
             *(u.chat.engine_gauges() for u in ready), return_exceptions=True
         )
         for upstream, metrics in zip(ready, read, strict=True):
+            if self.upstreams.get(upstream.name) is not upstream:
+                continue  # removed while it was read
             if isinstance(metrics, EngineMetrics):
                 self._metrics[upstream.name] = metrics
                 self.fleet.observe(

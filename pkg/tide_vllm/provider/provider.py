@@ -10,10 +10,12 @@ import httpx
 
 from tide_vllm.application.application import Application
 from tide_vllm.application.chat_handler import ChatHandler
+from tide_vllm.application.discovery import Discovery, Pool, Resolver
 from tide_vllm.application.engines import DrainStore, Engines, RoutingObserver, Upstream
 from tide_vllm.application.relay_handler import RelayHandler
 from tide_vllm.domain.chat.factory import ChatDefaults, ChatFactory
 from tide_vllm.domain.chat.repository import EngineMonitor
+from tide_vllm.infrastructure.vllm.discovery import resolve
 from tide_vllm.infrastructure.vllm.relay_repository import VLLMRelayRepository
 from tide_vllm.infrastructure.vllm.vllm_client import VLLMClient
 from tide_vllm.infrastructure.vllm.vllm_repository import VLLMChatRepository, VLLMEngineProbe
@@ -31,12 +33,27 @@ class EngineSettings:
     api_key: str | None = None
     auto_start: bool = False
     health_interval: float = 5.0
+    timeout: float | None = None  # None: ProviderSettings.timeout
+
+
+@dataclass(frozen=True)
+class DiscoverySettings:
+    """An entry of `engines:` with `discover: dns://host:port`: one engine per address `host`
+    resolves to, each reached at `port` and set up as this entry says."""
+
+    name: str
+    model: str
+    host: str
+    port: int
+    api_key: str | None = None
+    health_interval: float = 5.0
+    timeout: float | None = None
 
 
 @dataclass(frozen=True)
 class ProviderSettings:
-    """`base_url` and `api_key` are the engine of a fleet of one, used when `engines` is
-    empty; `defaults.model` is the model of requests that name none."""
+    """`base_url` and `api_key` are the engine of a fleet of one, used when `engines` and
+    `discovered` are empty; `defaults.model` is the model of requests that name none."""
 
     base_url: str
     timeout: float
@@ -45,20 +62,25 @@ class ProviderSettings:
     pool_size: int = 1024
     engines: tuple[EngineSettings, ...] = ()
     policy: str = "prefix"
+    discovered: tuple[DiscoverySettings, ...] = ()
 
     def fleet(self) -> tuple[EngineSettings, ...]:
-        if self.engines:
+        """The engines known at start-up (those of `discovered` are found later)."""
+        if self.engines or self.discovered:
             return self.engines
         return (EngineSettings(DEFAULT_ENGINE, self.defaults.model, self.base_url, self.api_key),)
 
 
 @dataclass(frozen=True)
 class Provider:
-    """Typed, frozen container read by the wiring code and the web layer's dependencies."""
+    """Typed, frozen container read by the wiring code and the web layer's dependencies.
+    `discovery`: what keeps the discovered engines up to date (its `run()` is the app's to
+    start), or None."""
 
     settings: ProviderSettings
     clients: dict[str, VLLMClient] = field(default_factory=dict)
     application: Application = field(default=None)  # type: ignore[assignment]
+    discovery: Discovery | None = None
 
 
 @asynccontextmanager
@@ -70,52 +92,98 @@ async def open_provider(
     monitors: Mapping[str, EngineMonitor] | None = None,
     observer: RoutingObserver | None = None,
     drains: DrainStore | None = None,
+    resolver: Resolver = resolve,
 ) -> AsyncIterator[Provider]:
     """Build the graph; each engine's HTTP client is closed on exit.
 
     Each engine's monitor is the supervisor's (auto-start) or an external engine's probe from
     `monitors` (by name; `monitor` for a fleet of one); an engine without one is probed here
-    (`probe`: the watcher asks it every health interval)."""
+    (`probe`: the watcher asks it every health interval), as is every engine found by
+    discovery. Those are looked for once before the graph is handed out; the client of one
+    that leaves is closed once its requests have ended."""
     given = dict(monitors or {})
     fleet = settings.fleet()
-    if monitor is not None:
+    if monitor is not None and fleet:
         given.setdefault(fleet[0].name, monitor)
     clients: dict[str, VLLMClient] = {}
+    made: dict[Upstream, VLLMClient] = {}  # every client not closed yet, by its engine
+
+    def build(engine: EngineSettings, own: EngineMonitor | None = None) -> Upstream:
+        client = VLLMClient(
+            engine.base_url,
+            settings.timeout if engine.timeout is None else engine.timeout,
+            api_key=engine.api_key,
+            pool_size=settings.pool_size,
+            transport=transport,
+        )
+        upstream = Upstream(
+            name=engine.name,
+            model=engine.model,
+            chat=VLLMChatRepository(client),
+            relay=VLLMRelayRepository(client),
+            monitor=own or VLLMEngineProbe(client, engine.model),
+            base_url=engine.base_url,
+            auto_start=engine.auto_start,
+            probe=own is None and (len(fleet) > 1 or bool(settings.discovered)),
+            health_interval=engine.health_interval,
+        )
+        clients[engine.name] = made[upstream] = client
+        return upstream
+
+    pools = {entry.name: entry for entry in settings.discovered}
+
+    def found(pool: Pool, name: str, address: str) -> Upstream:
+        entry = pools[pool.name]
+        host = f"[{address}]" if ":" in address else address
+        url = f"http://{host}:{pool.port}"
+        return build(
+            EngineSettings(
+                name,
+                entry.model,
+                url,
+                entry.api_key,
+                health_interval=entry.health_interval,
+                timeout=entry.timeout,
+            )
+        )
+
+    async def release(engine: Upstream) -> None:
+        client = made.pop(engine)
+        if clients.get(engine.name) is client:
+            del clients[engine.name]
+        await client.aclose()
+
+    async def close_all() -> None:
+        for engine in list(made):
+            await release(engine)
+
     async with AsyncExitStack() as stack:
-        upstreams = []
-        for engine in fleet:
-            client = VLLMClient(
-                engine.base_url,
-                settings.timeout,
-                api_key=engine.api_key,
-                pool_size=settings.pool_size,
-                transport=transport,
-            )
-            stack.push_async_callback(client.aclose)
-            clients[engine.name] = client
-            own = given.get(engine.name)
-            upstreams.append(
-                Upstream(
-                    name=engine.name,
-                    model=engine.model,
-                    chat=VLLMChatRepository(client),
-                    relay=VLLMRelayRepository(client),
-                    monitor=own or VLLMEngineProbe(client, engine.model),
-                    base_url=engine.base_url,
-                    auto_start=engine.auto_start,
-                    probe=own is None and len(fleet) > 1,
-                    health_interval=engine.health_interval,
-                )
-            )
+        stack.push_async_callback(close_all)
+        upstreams = [build(engine, given.get(engine.name)) for engine in fleet]
         factory = ChatFactory(settings.defaults)
+        looked_for: dict[str, list[str]] = {}
+        for entry in settings.discovered:
+            looked_for.setdefault(entry.model, []).append(_pool(entry).url)
         engines = Engines(
             upstreams,
             default_model=settings.defaults.model,
             policy=settings.policy,
             observer=observer,
             drains=drains,
+            discovered={model: ", ".join(urls) for model, urls in looked_for.items()},
         )
+        discovery = None
+        if settings.discovered:
+            discovery = Discovery(
+                engines, [_pool(e) for e in settings.discovered], resolver, found, release
+            )
+            stack.push_async_callback(discovery.aclose)
+            await discovery.refresh()
         application = Application(
             ChatHandler(engines, factory), factory, engines, RelayHandler(engines)
         )
-        yield Provider(settings, clients, application)
+        yield Provider(settings, clients, application, discovery)
+
+
+def _pool(entry: DiscoverySettings) -> Pool:
+    return Pool(entry.name, entry.model, entry.host, entry.port)

@@ -11,12 +11,14 @@ Environment variables override keys: `TIDE_VLLM__<SECTION>__<KEY>=value`, e.g.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import textwrap
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -232,6 +234,50 @@ class VLLMConfig(_Section):
 
 _ENGINE_NAME = re.compile(r"[a-z0-9_-]{1,32}")
 _WILDCARDS = ("0.0.0.0", "", "::")
+_DNS_LABEL = re.compile(r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?")
+DISCOVER_EXAMPLE = "dns://vllm-headless.default.svc.cluster.local:8000"
+
+
+def parse_discover(url: str) -> tuple[str, int]:
+    """`dns://NAME:PORT` as (NAME, PORT); ValueError saying what is wrong with it."""
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except ValueError as exc:  # a port that is no number, a bracket not closed
+        raise ValueError(f"must be dns://NAME:PORT, as {DISCOVER_EXAMPLE} ({exc})") from None
+    host = parts.hostname or ""
+    problem = ""
+    if parts.scheme != "dns":
+        problem = "the scheme must be dns://"
+    elif not host:
+        problem = "no NAME"
+    elif port is None:
+        problem = "no PORT"
+    elif not 1 <= port <= 65535:
+        problem = "PORT must be from 1 to 65535"
+    elif (
+        parts.username
+        or parts.password
+        or parts.path not in ("", "/")
+        or parts.query
+        or parts.fragment
+    ):
+        problem = "nothing but NAME:PORT"
+    elif not _is_host(host):
+        problem = f"{host!r} is neither a DNS name nor an IP address"
+    if problem or port is None:
+        raise ValueError(f"must be dns://NAME:PORT, as {DISCOVER_EXAMPLE} ({problem})")
+    return host, port
+
+
+def _is_host(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        pass
+    labels = host.removesuffix(".").split(".")
+    return len(host) <= 253 and all(_DNS_LABEL.fullmatch(label) for label in labels)
 
 
 class EngineConfig(VLLMConfig):
@@ -242,6 +288,13 @@ class EngineConfig(VLLMConfig):
         description="The engine's name: 1 to 32 of a-z, 0-9, - and _; unique in the fleet. "
         "Its log lines come from the loggers vllm.<name> and tide_vllm.supervisor.<name>."
     )
+    discover: str | None = Field(
+        None,
+        description="dns://NAME:PORT: the entry is one engine per address NAME resolves to "
+        f"(A and AAAA; e.g. a Kubernetes headless Service, {DISCOVER_EXAMPLE}), looked up "
+        "again every 10 s, each named <name>-<address> and set up by the entry's other keys "
+        "(host and port aside). Needs auto_start: false.",
+    )
     _key: str = PrivateAttr("vllm")
 
     @field_validator("name")
@@ -250,6 +303,21 @@ class EngineConfig(VLLMConfig):
         if not _ENGINE_NAME.fullmatch(value):
             raise ValueError("must be 1 to 32 of a-z, 0-9, - and _")
         return value
+
+    @field_validator("discover")
+    @classmethod
+    def _a_dns_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_discover(value)
+        return value
+
+    @property
+    def discovered_at(self) -> tuple[str, int] | None:
+        """The name to look up and the port of its engines, for an entry that discovers them
+        (and is enabled: a disabled entry is one disabled engine, as any other)."""
+        if self.discover is None or not self.enabled:
+            return None
+        return parse_discover(self.discover)
 
     @property
     def config_key(self) -> str:
@@ -355,8 +423,9 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _engines_apart(self) -> Config:
-        """Unique names; no two auto-started engines, nor one and tide-vllm itself, on one
-        port, and no two of them with one pid file."""
+        """Unique names; an entry that discovers its engines does not start them; no two
+        auto-started engines, nor one and tide-vllm itself, on one port, and no two of them
+        with one pid file."""
         for index, engine in enumerate(self.engines or []):
             engine._key = f"engines[{index}]"
         fleet = self.fleet()
@@ -368,6 +437,13 @@ class Config(_Section):
                     f"{engine.config_key}.name",
                     f"{engine.name!r} is also the name of {other.config_key}; each engine "
                     "needs a name of its own",
+                )
+            if engine.discover is not None and engine.auto_start:
+                raise _fleet_error(
+                    f"{engine.config_key}.discover",
+                    "tide-vllm starts no engine at an address it finds; set auto_start: false "
+                    "on this entry (it takes vllm.auto_start, true by default, unless it says "
+                    "otherwise)",
                 )
         if self.engines is not None and all(e.model_name != self.vllm.model_name for e in fleet):
             served = ", ".join(sorted({e.model_name for e in fleet}))
@@ -560,7 +636,11 @@ For example, two engines started on two GPUs and one already running elsewhere:
     auto_start: false
     host: 10.0.0.5
     port: 8000
-    model_name: Qwen2.5-72B-Instruct"""
+    model_name: Qwen2.5-72B-Instruct
+and, for one engine per pod behind a Kubernetes headless Service:
+  - name: pool
+    auto_start: false
+    discover: dns://vllm-headless.default.svc.cluster.local:8000"""
 
 
 def _annotate(section: BaseModel, depth: int, lines: list[str]) -> None:

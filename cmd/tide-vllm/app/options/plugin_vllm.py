@@ -28,7 +28,9 @@ log = logging.getLogger("tide_vllm.supervisor")
 class VLLMPlugin:
     """Auto-started engines are started and supervised; external ones are probed; disabled
     ones answer 503. The context gets every engine's monitor and effective settings
-    (`ctx.engines`, `ctx.engine_configs`), which the web layer routes across."""
+    (`ctx.engines`, `ctx.engine_configs`), which the web layer routes across. An entry that
+    discovers its engines (`discover:`) has no address of its own: the web layer finds,
+    probes and routes to its engines, so it is left out here."""
 
     name = "vllm"
 
@@ -58,6 +60,12 @@ class VLLMPlugin:
                     f"vLLM is disabled ({engine.config_key}.enabled: false)",
                 )
                 monitor = StaticMonitor(status, engine.model_name)
+            elif engine.discovered_at is not None:
+                log.info(
+                    "engines %s: one per address of %s, found by the web layer every 10 s",
+                    engine.name, engine.discover,
+                )  # fmt: skip
+                continue
             elif engine.auto_start:
                 engine = engine.model_copy(update={"api_key": engine.api_key or key})
                 monitor = VLLMServerManager(engine, on_fatal=_fatal(ctx, name), name=name)
@@ -71,9 +79,10 @@ class VLLMPlugin:
         await self.fleet.start()
         ctx.engines, ctx.engine_configs = monitors, configs
 
-        first = configs[fleet[0].name]
-        if first.enabled and not named:
-            ctx.upstream_api_key = first.api_key if first.auto_start else None
+        if not named:
+            first = configs[fleet[0].name]
+            if first.enabled:
+                ctx.upstream_api_key = first.api_key if first.auto_start else None
 
     async def stop(self, ctx: Any) -> None:
         if self.fleet is not None:

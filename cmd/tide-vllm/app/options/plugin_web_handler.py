@@ -18,11 +18,18 @@ from granian.server.embed import Server
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp
 
+from tide_vllm.application.discovery import Resolver
 from tide_vllm.application.engines import DrainStore
 from tide_vllm.domain.chat.factory import ChatDefaults
 from tide_vllm.domain.chat.repository import EngineMonitor
+from tide_vllm.infrastructure.vllm.discovery import resolve
 from tide_vllm.infrastructure.vllm.processes import command_line, listening_pids
-from tide_vllm.provider.provider import EngineSettings, ProviderSettings, open_provider
+from tide_vllm.provider.provider import (
+    DiscoverySettings,
+    EngineSettings,
+    ProviderSettings,
+    open_provider,
+)
 from web.console_stats import StatsSampler
 from web.gateway import ApiKeys, GatewayMiddleware, Lifecycle
 from web.metrics import Metrics
@@ -44,12 +51,28 @@ def provider_settings(
     engine_configs: Mapping[str, EngineConfig] | None = None,
 ) -> ProviderSettings:
     """The provider's settings. With `engines:`, each engine as the vLLM plugin left it
-    (`engine_configs`: an auto-started one carries the key tide-vllm gave it)."""
+    (`engine_configs`: an auto-started one carries the key tide-vllm gave it), and each entry
+    that discovers its engines."""
     v = config.vllm
-    engines: tuple[EngineSettings, ...] = ()
-    if config.engines is not None:
-        known = engine_configs or {}
-        engines = tuple(
+    engines: list[EngineSettings] = []
+    discovered: list[DiscoverySettings] = []
+    known = engine_configs or {}
+    for entry in config.engines or ():
+        where = entry.discovered_at
+        if where is not None:
+            discovered.append(
+                DiscoverySettings(
+                    name=entry.name,
+                    model=entry.model_name,
+                    host=where[0],
+                    port=where[1],
+                    api_key=entry.api_key,
+                    health_interval=entry.health_interval,
+                    timeout=entry.timeout,
+                )
+            )
+            continue
+        engines.append(
             EngineSettings(
                 name=entry.name,
                 model=entry.model_name,
@@ -57,15 +80,16 @@ def provider_settings(
                 api_key=known.get(entry.name, entry).api_key,
                 auto_start=entry.auto_start,
                 health_interval=entry.health_interval,
+                timeout=entry.timeout,
             )
-            for entry in config.engines
         )
     return ProviderSettings(
         base_url=v.base_url,
         timeout=v.timeout,
         api_key=upstream_api_key or v.api_key,
         pool_size=config.web.max_concurrent_requests + 16,  # chats, plus probes and models
-        engines=engines,
+        engines=tuple(engines),
+        discovered=tuple(discovered),
         policy=config.routing.policy,
         defaults=ChatDefaults(
             model=v.model_name,
@@ -91,8 +115,10 @@ def build_app(
     monitors: Mapping[str, EngineMonitor] | None = None,
     drains: DrainStore | None = None,
     console: bool = True,
+    resolver: Resolver = resolve,
 ) -> FastAPI:
     """The ASGI app; its lifespan opens the provider (and its shared HTTP client) and runs the
+    engines' watcher, the discovery of engines (`resolver` looks their names up) and the
     sampler of `/admin/stats`. `console`: the web console at `/` (else `/` is relayed).
 
     Requests pass, in order: CORS (when configured, so preflights are answered before the key
@@ -127,6 +153,7 @@ def build_app(
             monitors=monitors,
             observer=metrics.engines,
             drains=drains,
+            resolver=resolver,
         ) as provider:
             app.state.provider = provider
             chat.application = relay.application = provider.application
@@ -136,15 +163,20 @@ def build_app(
                 up=lambda: engines.health().healthy,
                 engines=lambda: [(v.name, v.healthy, v.restarts) for v in engines.views()],
             )
-            watcher = asyncio.get_running_loop().create_task(engines.watch(), name="engines")
-            sampler = asyncio.get_running_loop().create_task(stats.run())
+            loop = asyncio.get_running_loop()
+            tasks = {
+                loop.create_task(engines.watch(), name="engines"),
+                loop.create_task(stats.run()),
+            }
+            if provider.discovery is not None:
+                tasks.add(loop.create_task(provider.discovery.run(), name="discovery"))
             started.set()
             try:
                 yield
             finally:
-                watcher.cancel()
-                sampler.cancel()
-                await asyncio.gather(watcher, sampler, return_exceptions=True)
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
                 chat.application = relay.application = None
 
     app = FastAPI(

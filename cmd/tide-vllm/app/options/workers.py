@@ -93,17 +93,24 @@ def _die_with_parent() -> None:
 
 class SharedDrains:
     """Which engines operators drained (`POST /admin/engines/{name}/drain`), in shared memory:
-    a drain asked of one worker holds in all of them."""
+    a drain asked of one worker holds in all of them. An engine found by discovery is not
+    among `names` (each worker finds its own): its drain holds in the worker asked only."""
 
     def __init__(self, mp: multiprocessing.context.BaseContext, names: list[str]) -> None:
         self.names = names
         self.flags = mp.Array("b", max(len(names), 1), lock=False)  # type: ignore[attr-defined]
+        self._own: dict[str, bool] = {}  # this process's, for the names not shared
 
     def get(self, name: str) -> bool:
-        return bool(self.flags[self.names.index(name)])
+        if name in self.names:
+            return bool(self.flags[self.names.index(name)])
+        return self._own.get(name, False)
 
     def set(self, name: str, draining: bool) -> None:
-        self.flags[self.names.index(name)] = int(draining)
+        if name in self.names:
+            self.flags[self.names.index(name)] = int(draining)
+        else:
+            self._own[name] = draining
 
 
 def worker_main(

@@ -156,9 +156,13 @@ class Fleet:
         self._by_model.setdefault(engine.model, []).append(engine)
 
     def remove(self, name: str) -> Engine:
-        """Take an engine out of the fleet; the tickets it has out are ended quietly."""
+        """Take an engine out of the fleet; the tickets it has out are ended quietly (forgotten
+        now, so that they cannot end on an engine added later under the same name)."""
         engine = self.engine(name)
         del self._engines[name]
+        for ticket in [t for t in self._flights.values() if t.engine == name]:
+            del self._flights[ticket.id]
+            self._prefilling.discard(ticket.id)
         peers = self._by_model[engine.model]
         peers.remove(engine)
         if not peers:
