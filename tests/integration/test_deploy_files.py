@@ -146,11 +146,7 @@ def vllm_flags(container: dict[str, Any]) -> dict[str, str]:
 
 
 def load_fleet_config(tmp_path: Path, environ: dict[str, str] | None = None) -> Config:
-    raw = yaml.safe_load(fleet_config_text())
-    # TODO(issue 16): drop this removal once `discover` is a key of engines: entries (branch
-    # discover, built in parallel), and load fleet_config_text() as it is.
-    del raw["engines"][0]["discover"]
-    return config_from_text(yaml.safe_dump(raw), tmp_path, environ)
+    return config_from_text(fleet_config_text(), tmp_path, environ)
 
 
 def test_there_are_manifests_for_replicas_their_headless_service_and_tide_vllm_before_them():
