@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import time
+
 import httpx
 
 from tests.fakes.upstream import MODEL, Recorder, ServerThread, build_upstream
 from tests.helpers import command_line, descendants, free_port
-from tests.service import ServiceProcess, fake_vllm_config
+from tests.service import ServiceProcess, fake_fleet_config, fake_vllm_config
 
 
 def test_two_workers_one_vllm_started_once_and_stopped_cleanly(tmp_path):
@@ -67,3 +69,35 @@ def test_workers_in_manual_mode(tmp_path):
             assert service.terminate()[0] == 0
         finally:
             service.kill_all()
+
+
+def test_a_drain_asked_of_one_worker_holds_in_every_worker(tmp_path):
+    """Two workers, two engines: engine a is drained through one request (one worker); then
+    requests on new connections, which the kernel spreads over both workers, all go to b."""
+    config = fake_fleet_config({"a": "", "b": ""}, web={"workers": 2})
+    config["routing"] = {"policy": "round_robin"}
+    service = ServiceProcess(config, tmp_path)
+    try:
+        service.wait_healthy(timeout=60)
+        assert httpx.post(service.url + "/admin/engines/a/drain", timeout=10).status_code == 200
+        time.sleep(0.5)  # the engines' lines reach the log through the supervisor's reader
+        before = chats_on(service, "a"), chats_on(service, "b")
+        body = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}
+        for _ in range(20):  # a new connection each: both workers take some
+            r = httpx.post(service.url + "/v1/chat/completions", json=body, timeout=10)
+            assert r.status_code == 200, r.text
+        time.sleep(1)
+        after = chats_on(service, "a"), chats_on(service, "b")
+        assert after[0] == before[0], service.log()[-3000:]
+        assert after[1] - before[1] == 20
+    finally:
+        service.terminate()
+
+
+def chats_on(service: ServiceProcess, engine: str) -> int:
+    """The chat requests engine `engine`'s fake vLLM logged (its access lines, in the log)."""
+    return sum(
+        1
+        for line in service.log().splitlines()
+        if f" vllm.{engine} " in line and "POST /v1/chat/completions" in line
+    )

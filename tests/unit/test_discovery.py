@@ -249,9 +249,20 @@ async def test_the_resolver_says_nothing_for_a_name_without_address_and_raises_w
         await resolve("down.test", 8000)
 
 
-def test_with_several_workers_a_found_engines_drain_holds_in_its_own_worker():
-    drains = SharedDrains(multiprocessing.get_context("spawn"), ["gpu0"])
-    drains.set("pool-10-0-0-5", True)
+def _drain_in_another_worker(drains: SharedDrains, name: str) -> None:
+    drains.set(name, True)
+
+
+def test_with_several_workers_a_drain_holds_in_every_worker_found_engines_included():
+    mp = multiprocessing.get_context("spawn")
+    drains = SharedDrains(mp)
+    assert not drains.get("pool-10-0-0-5")
+    other = mp.Process(target=_drain_in_another_worker, args=(drains, "pool-10-0-0-5"))
+    other.start()
+    other.join(30)
+    assert other.exitcode == 0
     drains.set("gpu0", True)
     assert drains.get("pool-10-0-0-5") and drains.get("gpu0")
     assert not drains.get("pool-10-0-0-6")
+    drains.set("pool-10-0-0-5", False)
+    assert not drains.get("pool-10-0-0-5") and drains.get("gpu0")

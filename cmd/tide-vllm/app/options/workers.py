@@ -34,6 +34,7 @@ log = logging.getLogger("tide_vllm.workers")
 
 PR_SET_PDEATHSIG = 1
 STATUS_BYTES = 4096
+DRAINS_BYTES = 16384  # the names of the drained engines, one per line: hundreds of them
 
 
 class SharedEngineState:
@@ -92,25 +93,42 @@ def _die_with_parent() -> None:
 
 
 class SharedDrains:
-    """Which engines operators drained (`POST /admin/engines/{name}/drain`), in shared memory:
-    a drain asked of one worker holds in all of them. An engine found by discovery is not
-    among `names` (each worker finds its own): its drain holds in the worker asked only."""
+    """The names of the engines operators drained (`POST /admin/engines/{name}/drain`), in
+    shared memory: a drain asked of one worker holds in all of them, engines found by
+    discovery included (every worker finds them under the same names).
 
-    def __init__(self, mp: multiprocessing.context.BaseContext, names: list[str]) -> None:
-        self.names = names
-        self.flags = mp.Array("b", max(len(names), 1), lock=False)  # type: ignore[attr-defined]
-        self._own: dict[str, bool] = {}  # this process's, for the names not shared
+    A seqlock: a writer (rare: an operator's call) takes the lock, makes the version odd,
+    writes, makes it even; a reader (every request) parses the names again only when the
+    version changed, and keeps what it read only if the version was even and unchanged."""
+
+    def __init__(self, mp: multiprocessing.context.BaseContext) -> None:
+        self.buffer = mp.Array("c", DRAINS_BYTES, lock=False)  # type: ignore[attr-defined]
+        self.version = mp.Value("Q", 0, lock=False)  # type: ignore[attr-defined]
+        self.lock = mp.Lock()
+        self._seen = -1
+        self._names: frozenset[str] = frozenset()
 
     def get(self, name: str) -> bool:
-        if name in self.names:
-            return bool(self.flags[self.names.index(name)])
-        return self._own.get(name, False)
+        version = self.version.value
+        if version != self._seen and version % 2 == 0:
+            names = frozenset(self.buffer.value.decode().split("\n")) - {""}
+            if self.version.value == version:
+                self._names, self._seen = names, version
+        return name in self._names
 
     def set(self, name: str, draining: bool) -> None:
-        if name in self.names:
-            self.flags[self.names.index(name)] = int(draining)
-        else:
-            self._own[name] = draining
+        with self.lock:
+            names = set(self.buffer.value.decode().split("\n")) - {""}
+            if draining:
+                names.add(name)
+            else:
+                names.discard(name)
+            text = "\n".join(sorted(names)).encode()
+            if len(text) >= DRAINS_BYTES:
+                raise ValueError("too many engines drained at once")
+            self.version.value += 1
+            self.buffer.value = text
+            self.version.value += 1
 
 
 def worker_main(
@@ -198,7 +216,7 @@ class WorkerPool:
                 monitor.on_change(monitor.current())
             elif not hasattr(monitor, "start"):
                 self.engines[name] = monitor
-        self.drains = SharedDrains(self.mp, list(engine_configs) or list(monitors))
+        self.drains = SharedDrains(self.mp)
         self.processes: list[multiprocessing.process.BaseProcess] = []
         self.stopping = False
         self._watch: asyncio.Task[None] | None = None
