@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -81,11 +82,18 @@ SETTINGS = ProviderSettings(
 )
 
 
+@contextlib.asynccontextmanager
+async def serving(app: Any, **client: Any) -> AsyncIterator[httpx.AsyncClient]:
+    """The app with its lifespan running, and a client that calls it in process."""
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://tide", **client) as http:
+            yield http
+
+
 @pytest.fixture
 async def harness() -> AsyncIterator[Harness]:
     upstream, monitor = FakeUpstream(), SettableMonitor()
     app = build_app(SETTINGS, monitor, transport=httpx.MockTransport(upstream.handle))
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-        async with httpx.AsyncClient(transport=transport, base_url="http://tide") as http:
-            yield Harness(http, upstream, monitor)
+    async with serving(app) as http:
+        yield Harness(http, upstream, monitor)

@@ -7,6 +7,7 @@ saying so, until it has one."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -17,6 +18,8 @@ import pytest
 from tide_vllm.domain.chat.factory import ChatDefaults
 from tide_vllm.provider.provider import DiscoverySettings, ProviderSettings
 from tide_vllm_cmd.app.options.plugin_web_handler import build_app
+
+from .conftest import serving
 
 MODEL = "Qwen2.5-7B-Instruct"
 NAME = "vllm-headless.default.svc.cluster.local"
@@ -95,34 +98,27 @@ class Service:
 
 @pytest.fixture
 async def start() -> AsyncIterator[Callable[[Resolver], Awaitable[Service]]]:
-    opened: list[Any] = []
+    async with contextlib.AsyncExitStack() as opened:
 
-    async def make(resolver: Resolver) -> Service:
-        engines = Engines()
-        settings = ProviderSettings(
-            base_url="http://unused.test",
-            timeout=5,
-            defaults=ChatDefaults(MODEL, "", 64, 0.7, 0.9),
-            discovered=(DiscoverySettings("pool", MODEL, NAME, 8000),),
-            policy="round_robin",
-        )
-        app = build_app(
-            settings,
-            transport=httpx.MockTransport(engines.handle),
-            resolver=resolver,
-            api_keys=[KEY],
-        )
-        lifespan = app.router.lifespan_context(app)
-        await lifespan.__aenter__()
-        opened.append(lifespan)
-        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-        http = httpx.AsyncClient(transport=transport, base_url="http://tide", timeout=10)
-        opened.append(http)
-        return Service(app, http, engines)
+        async def make(resolver: Resolver) -> Service:
+            engines = Engines()
+            settings = ProviderSettings(
+                base_url="http://unused.test",
+                timeout=5,
+                defaults=ChatDefaults(MODEL, "", 64, 0.7, 0.9),
+                discovered=(DiscoverySettings("pool", MODEL, NAME, 8000),),
+                policy="round_robin",
+            )
+            app = build_app(
+                settings,
+                transport=httpx.MockTransport(engines.handle),
+                resolver=resolver,
+                api_keys=[KEY],
+            )
+            http = await opened.enter_async_context(serving(app, timeout=10))
+            return Service(app, http, engines)
 
-    yield make
-    for thing in reversed(opened):
-        await thing.__aexit__(None, None, None)
+        yield make
 
 
 async def test_requests_are_spread_over_the_addresses_the_name_resolves_to(start):
@@ -154,16 +150,16 @@ async def test_an_address_gone_takes_no_more_requests_while_its_request_in_fligh
     assert await service.listed() == {"pool-10-0-0-6": "ready"}
     assert [await service.answered_by() for _ in range(3)] == ["10.0.0.6"] * 3
     assert service.engines.received["10.0.0.5"] == 1
-    clients = service.app.state.provider.clients
-    assert "pool-10-0-0-5" in clients  # still in use
+    provider = service.app.state.provider
+    assert "pool-10-0-0-5" in provider.clients  # still in use
 
     service.engines.gate.set()
     assert await asyncio.wait_for(first, 5) == "10.0.0.5"
     for _ in range(100):
-        if "pool-10-0-0-5" not in clients:
+        if "pool-10-0-0-5" not in provider.clients:
             break
         await asyncio.sleep(0.01)
-    assert "pool-10-0-0-5" not in clients  # closed once its request had ended
+    assert "pool-10-0-0-5" not in provider.clients  # closed once its request had ended
 
     resolver.addresses = ["10.0.0.6", "10.0.0.7"]
     await service.look_again()

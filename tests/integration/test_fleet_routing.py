@@ -8,6 +8,7 @@ drain and resume, metrics per engine)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -22,7 +23,7 @@ from tide_vllm.domain.chat.factory import ChatDefaults
 from tide_vllm.provider.provider import EngineSettings, ProviderSettings
 from tide_vllm_cmd.app.options.plugin_web_handler import build_app
 
-from .conftest import READY, SettableMonitor
+from .conftest import READY, SettableMonitor, serving
 
 MODEL = "Qwen2.5-7B-Instruct"
 OTHER = "Llama-3-8B"
@@ -161,21 +162,14 @@ async def unavailable(request: httpx.Request) -> httpx.Response | None:
 
 @pytest.fixture
 async def make_fleet() -> AsyncIterator[Callable[..., Awaitable[Fleet]]]:
-    opened: list[Any] = []
+    async with contextlib.AsyncExitStack() as opened:
 
-    async def make(engines: list[FakeEngine], policy: str = "prefix", **options: Any) -> Fleet:
-        app = fleet_app(engines, policy, **options)
-        lifespan = app.router.lifespan_context(app)
-        await lifespan.__aenter__()
-        opened.append(lifespan)
-        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-        http = httpx.AsyncClient(transport=transport, base_url="http://tide", timeout=10)
-        opened.append(http)
-        return Fleet(engines, http, app)
+        async def make(engines: list[FakeEngine], policy: str = "prefix", **options: Any) -> Fleet:
+            app = fleet_app(engines, policy, **options)
+            http = await opened.enter_async_context(serving(app, timeout=10))
+            return Fleet(engines, http, app)
 
-    yield make
-    for thing in reversed(opened):
-        await thing.__aexit__(None, None, None)
+        yield make
 
 
 def two(model: str = MODEL) -> list[FakeEngine]:

@@ -46,8 +46,12 @@ class Pool:
 
     @property
     def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"dns://{host}:{self.port}"
+        return f"dns://{url_host(self.host)}:{self.port}"
+
+
+def url_host(host: str) -> str:
+    """`host` as a URL holds it: an IPv6 address in brackets."""
+    return f"[{host}]" if ":" in host else host
 
 
 def engine_name(pool: str, address: str) -> str:

@@ -10,7 +10,7 @@ import httpx
 
 from tide_vllm.application.application import Application
 from tide_vllm.application.chat_handler import ChatHandler
-from tide_vllm.application.discovery import Discovery, Pool, Resolver
+from tide_vllm.application.discovery import Discovery, Pool, Resolver, url_host
 from tide_vllm.application.engines import DrainStore, Engines, RoutingObserver, Upstream
 from tide_vllm.application.relay_handler import RelayHandler
 from tide_vllm.domain.chat.factory import ChatDefaults, ChatFactory
@@ -78,9 +78,14 @@ class Provider:
     start), or None."""
 
     settings: ProviderSettings
-    clients: dict[str, VLLMClient] = field(default_factory=dict)
-    application: Application = field(default=None)  # type: ignore[assignment]
+    application: Application
     discovery: Discovery | None = None
+    _clients: Mapping[Upstream, VLLMClient] = field(default_factory=dict, repr=False)
+
+    @property
+    def clients(self) -> dict[str, VLLMClient]:
+        """Each engine's HTTP client not closed yet, by the engine's name."""
+        return {upstream.name: client for upstream, client in self._clients.items()}
 
 
 @asynccontextmanager
@@ -105,7 +110,6 @@ async def open_provider(
     fleet = settings.fleet()
     if monitor is not None and fleet:
         given.setdefault(fleet[0].name, monitor)
-    clients: dict[str, VLLMClient] = {}
     made: dict[Upstream, VLLMClient] = {}  # every client not closed yet, by its engine
 
     def build(engine: EngineSettings, own: EngineMonitor | None = None) -> Upstream:
@@ -127,20 +131,18 @@ async def open_provider(
             probe=own is None and (len(fleet) > 1 or bool(settings.discovered)),
             health_interval=engine.health_interval,
         )
-        clients[engine.name] = made[upstream] = client
+        made[upstream] = client
         return upstream
 
     pools = {entry.name: entry for entry in settings.discovered}
 
     def found(pool: Pool, name: str, address: str) -> Upstream:
         entry = pools[pool.name]
-        host = f"[{address}]" if ":" in address else address
-        url = f"http://{host}:{pool.port}"
         return build(
             EngineSettings(
                 name,
                 entry.model,
-                url,
+                f"http://{url_host(address)}:{pool.port}",
                 entry.api_key,
                 health_interval=entry.health_interval,
                 timeout=entry.timeout,
@@ -148,10 +150,7 @@ async def open_provider(
         )
 
     async def release(engine: Upstream) -> None:
-        client = made.pop(engine)
-        if clients.get(engine.name) is client:
-            del clients[engine.name]
-        await client.aclose()
+        await made.pop(engine).aclose()
 
     async def close_all() -> None:
         for engine in list(made):
@@ -182,7 +181,7 @@ async def open_provider(
         application = Application(
             ChatHandler(engines, factory), factory, engines, RelayHandler(engines)
         )
-        yield Provider(settings, clients, application, discovery)
+        yield Provider(settings, application, discovery, made)
 
 
 def _pool(entry: DiscoverySettings) -> Pool:
