@@ -8,7 +8,7 @@ from tide_vllm.domain.chat.entity import ChatDelta, ChatEntity, ChatResult, Open
 from tide_vllm.domain.chat.factory import ChatFactory
 from tide_vllm.domain.fleet import RequestFeatures
 
-from .engines import Engines
+from .engines import NO_FEATURES, Engines, Features, chat_tokens_query
 
 
 class ChatHandler:
@@ -16,14 +16,21 @@ class ChatHandler:
         self.engines = engines
         self.factory = factory
 
-    def _tide_features(self, chat: ChatEntity, model: str) -> RequestFeatures:
+    def _tide_features(self, chat: ChatEntity, model: str) -> Features:
+        if not self.engines.choosing(model):
+            return NO_FEATURES
+        messages = [{"role": m.role, "content": m.content} for m in chat.messages]
+
         def build() -> RequestFeatures:
-            messages = [{"role": m.role, "content": m.content} for m in chat.messages]
             return RequestFeatures.of_chat(messages, session_id=chat.session_id)
 
-        return self.engines.features(model, build, chat.session_id)
+        return self.engines.features(
+            model, build, chat.session_id, {"messages": messages}, chat.model
+        )
 
-    def _openai_features(self, chat: OpenAIChat, model: str) -> RequestFeatures:
+    def _openai_features(self, chat: OpenAIChat, model: str) -> Features:
+        if not self.engines.choosing(model):
+            return NO_FEATURES
         payload = chat.payload
 
         def build() -> RequestFeatures:
@@ -31,7 +38,9 @@ class ChatHandler:
                 payload.get("messages"), tools=payload.get("tools"), session_id=chat.session_id
             )
 
-        return self.engines.features(model, build, chat.session_id)
+        return self.engines.features(
+            model, build, chat.session_id, chat_tokens_query(payload), chat.model
+        )
 
     async def handle(self, chat: ChatEntity) -> ChatResult:
         model = self.engines.model_of(chat.model)

@@ -15,7 +15,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Collection,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -51,6 +59,8 @@ from tide_vllm.domain.fleet import (
     policy_named,
 )
 from tide_vllm.domain.fleet.engine import EngineMetrics
+from tide_vllm.domain.fleet.kv_events import CacheEvent
+from tide_vllm.domain.fleet.prefix import root_key
 
 T = TypeVar("T")
 log = logging.getLogger("tide_vllm.routing")
@@ -58,6 +68,51 @@ log = logging.getLogger("tide_vllm.routing")
 NO_FEATURES = RequestFeatures()
 SCRAPE_INTERVAL = 5.0  # seconds between reads of each engine's own metrics
 WATCH_TICK = 1.0
+# How long a request may wait for its token ids (precise mode) before it is routed on its
+# text instead: the engine's API server answers in milliseconds unless it is in trouble.
+TOKENIZE_TIMEOUT = 2.0
+
+# A request's routing features, or, in precise mode, how to get them (its token ids are asked
+# of an engine first).
+Features = RequestFeatures | Callable[[], Awaitable[RequestFeatures]]
+# What a request's token ids are asked with: the body of vLLM's POST /tokenize, or the ids
+# themselves (a completion's prompt given as token ids).
+TokensQuery = Mapping[str, Any] | Sequence[int]
+
+# The keys of a chat request that shape its prompt, as vLLM's /tokenize takes them.
+_TEMPLATE_KEYS = (
+    "tools",
+    "chat_template",
+    "chat_template_kwargs",
+    "add_generation_prompt",
+    "continue_final_message",
+    "add_special_tokens",
+    "mm_processor_kwargs",
+)
+
+
+def chat_tokens_query(payload: Mapping[str, Any]) -> dict[str, Any] | None:
+    """What asks an engine for a chat request's prompt tokens (None: it has no messages)."""
+    messages = payload.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return None
+    query: dict[str, Any] = {"messages": messages}
+    for key in _TEMPLATE_KEYS:
+        if payload.get(key) is not None:
+            query[key] = payload[key]
+    return query
+
+
+def prompt_tokens_query(prompt: Any) -> TokensQuery | None:
+    """A completion's prompt: its text to tokenize, or its token ids as they are. Of a batch,
+    the first prompt stands for all, as in the byte-wise features."""
+    if isinstance(prompt, str):
+        return {"prompt": prompt}
+    if isinstance(prompt, list) and prompt:
+        if all(type(t) is int for t in prompt):
+            return prompt
+        return prompt_tokens_query(prompt[0])
+    return None
 
 
 @dataclass(frozen=True)
@@ -202,6 +257,7 @@ class Engines:
         clock: Callable[[], float] = time.monotonic,
         drains: DrainStore | None = None,
         discovered: Mapping[str, str] | None = None,
+        kv_events: bool = False,
     ) -> None:
         if not upstreams and not discovered:
             raise ValueError("at least one engine is needed")
@@ -225,6 +281,9 @@ class Engines:
         self.single = upstreams[0] if len(upstreams) == 1 and not self._discovered else None
         self._leaving: dict[int, _Leaving] = {}  # by id() of the Upstream removed
         self._hashing = isinstance(self.fleet.policy, PrefixAffinity)
+        self.kv_events = kv_events and self._hashing
+        self.tokenize_failures = 0
+        self._tokenizer_turn = 0
         self._metrics: dict[str, EngineMetrics] = {}
         self._states: dict[str, tuple[str, float]] = {}
         self._probed_at: dict[str, float] = {}
@@ -250,19 +309,73 @@ class Engines:
         return len(self._by_model.get(model, ())) > 1
 
     def features(
-        self, model: str, build: Callable[[], RequestFeatures], session_id: str | None = None
-    ) -> RequestFeatures:
+        self,
+        model: str,
+        build: Callable[[], RequestFeatures],
+        session_id: str | None = None,
+        tokens: TokensQuery | None = None,
+        requested: Any = None,
+    ) -> Features:
+        """What routing reads of the request: nothing when there is nothing to choose; with
+        kv_events (precise mode) and a prompt to tokenize (`tokens`), its token ids' blocks,
+        asked of an engine when the request is run; else `build()`, its text's blocks.
+        `requested`: the model the request named (a LoRA adapter's blocks are its own)."""
         if not self.choosing(model):
             return NO_FEATURES
         if not self._hashing:
             return RequestFeatures(session_id=session_id)
+        if self.kv_events and tokens is not None:
+            adapter = requested if isinstance(requested, str) and requested != model else None
+            return lambda: self._precise(model, tokens, build, session_id, adapter)
         return build()
+
+    async def _precise(
+        self,
+        model: str,
+        tokens: TokensQuery,
+        build: Callable[[], RequestFeatures],
+        session_id: str | None,
+        adapter: str | None,
+    ) -> RequestFeatures:
+        """The request's token-id blocks; its text's if no engine tells its token ids in time
+        (routing then matches what engines were sent, not what they hold)."""
+        if isinstance(tokens, Mapping):
+            upstream = self._tokenizer(model)
+            if upstream is None:
+                return build()
+            query = {**tokens, "model": adapter or model}
+            try:
+                async with asyncio.timeout(TOKENIZE_TIMEOUT):
+                    ids: Sequence[int] = await upstream.chat.tokenize(query)
+            except (ChatError, TimeoutError, NotImplementedError) as exc:
+                self.tokenize_failures += 1
+                log.debug("engine %s: no token ids for routing: %s", upstream.name, exc)
+                return build()
+        else:
+            ids = tokens
+        return RequestFeatures.of_tokens(
+            ids, self.fleet.block_tokens(model), session_id=session_id, root=root_key(adapter)
+        )
+
+    def _tokenizer(self, model: str) -> Upstream | None:
+        """An engine of the model that can answer now, each in turn."""
+        ready = [
+            u
+            for u in self._by_model.get(model, ())
+            if u.monitor.current().healthy and not self.fleet.engine(u.name).draining
+        ]
+        if not ready:
+            return None
+        self._tokenizer_turn += 1
+        return ready[self._tokenizer_turn % len(ready)]
 
     # -- running requests ------------------------------------------------------------------
     async def call(
-        self, model: str, features: RequestFeatures, work: Callable[[Upstream], Awaitable[T]]
+        self, model: str, features: Features, work: Callable[[Upstream], Awaitable[T]]
     ) -> T:
         """`work` on the chosen engine; once more on another if the first did not run it."""
+        if not isinstance(features, RequestFeatures):
+            features = await features()
         attempt = self._select(model, features)
         try:
             return await self._run(attempt, work)
@@ -287,7 +400,7 @@ class Engines:
     async def stream(
         self,
         model: str,
-        features: RequestFeatures,
+        features: Features,
         open_stream: Callable[[Upstream], AsyncIterator[T]],
     ) -> AsyncIterator[T]:
         """The items of `open_stream` on the chosen engine. Its first item says the engine
@@ -296,6 +409,8 @@ class Engines:
         or lost it before its first event: then no token has reached the caller, and vLLM
         aborts a request whose connection is gone, so it runs once. Once an event has gone
         out, nothing is retried."""
+        if not isinstance(features, RequestFeatures):
+            features = await features()
         attempt = self._select(model, features)
         items = open_stream(attempt.upstream)
         outcome = Outcome.CANCELLED
@@ -342,12 +457,12 @@ class Engines:
             self._end(attempt, outcome)
             await items.aclose()  # type: ignore[attr-defined]
 
-    async def relay(
-        self, model: str, features: RequestFeatures, request: RelayRequest
-    ) -> RelayAnswer:
+    async def relay(self, model: str, features: Features, request: RelayRequest) -> RelayAnswer:
         """The engine's answer to a relayed request, its head in; a 503 answer is replaced by
         another engine's once, when the model has another that can take it. The answer's end
         (read, or closed) ends the engine's ticket."""
+        if not isinstance(features, RequestFeatures):
+            features = await features()
         attempt = self._select(model, features)
         try:
             answer = await self._open(attempt, request)
@@ -648,6 +763,17 @@ class Engines:
         log.info("engine %s takes requests again", name)
         return self.view(name)
 
+    # -- the engines' own account of their caches (precise mode) ---------------------------
+    def cache_events(self, name: str, events: Iterable[CacheEvent]) -> None:
+        """An engine's KV-cache events, as its publisher sent them."""
+        if name in self.upstreams:
+            self.fleet.cache_events(name, events)
+
+    def cache_restarted(self, name: str) -> None:
+        if name in self.upstreams:
+            self.fleet.cache_restarted(name)
+            log.info("engine %s: its KV-cache events start again (it restarted)", name)
+
     # -- the watcher -----------------------------------------------------------------------
     async def watch(self, scrape_interval: float = SCRAPE_INTERVAL) -> None:
         """Runs for the app's life: checks the engines only this process can ask (`probe`),
@@ -687,6 +813,7 @@ class Engines:
                     waiting=metrics.waiting,
                     kv_cache_usage=metrics.kv_cache_usage,
                     cache_tokens=metrics.cache_tokens,
+                    block_tokens=metrics.block_tokens,
                 )
             elif isinstance(metrics, Exception):
                 log.debug("engine %s: metrics not read: %s", upstream.name, metrics)

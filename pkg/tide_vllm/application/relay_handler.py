@@ -11,7 +11,7 @@ from tide_vllm.domain.chat.entity import RelayRequest
 from tide_vllm.domain.chat.repository import RelayAnswer
 from tide_vllm.domain.fleet import RequestFeatures
 
-from .engines import NO_FEATURES, Engines
+from .engines import NO_FEATURES, Engines, chat_tokens_query, prompt_tokens_query
 
 SESSION_HEADER = b"x-session-id"
 
@@ -39,7 +39,12 @@ class RelayHandler:
                     return RequestFeatures.of_prompt(body[key], session_id=session_id)
             return RequestFeatures(session_id=session_id)
 
-        return await engines.relay(model, engines.features(model, build, session_id), request)
+        if "messages" in body:
+            tokens = chat_tokens_query(body)
+        else:  # a completion's prompt (other routes' inputs are left to their text)
+            tokens = prompt_tokens_query(body.get("prompt"))
+        features = engines.features(model, build, session_id, tokens, body.get("model"))
+        return await engines.relay(model, features, request)
 
 
 def _json_body(request: RelayRequest) -> dict[str, Any]:

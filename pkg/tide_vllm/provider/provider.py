@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -15,7 +15,9 @@ from tide_vllm.application.engines import DrainStore, Engines, RoutingObserver, 
 from tide_vllm.application.relay_handler import RelayHandler
 from tide_vllm.domain.chat.factory import ChatDefaults, ChatFactory
 from tide_vllm.domain.chat.repository import EngineMonitor
+from tide_vllm.domain.fleet.kv_events import CacheEvent
 from tide_vllm.infrastructure.vllm.discovery import resolve
+from tide_vllm.infrastructure.vllm.kv_events import KVEventsReaders
 from tide_vllm.infrastructure.vllm.relay_repository import VLLMRelayRepository
 from tide_vllm.infrastructure.vllm.vllm_client import VLLMClient
 from tide_vllm.infrastructure.vllm.vllm_repository import VLLMChatRepository, VLLMEngineProbe
@@ -34,6 +36,7 @@ class EngineSettings:
     auto_start: bool = False
     health_interval: float = 5.0
     timeout: float | None = None  # None: ProviderSettings.timeout
+    kv_events: tuple[str, ...] = ()  # where its KV-cache events are read (precise mode)
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,12 @@ class DiscoverySettings:
     api_key: str | None = None
     health_interval: float = 5.0
     timeout: float | None = None
+    kv_events: str | None = None  # tcp://*:PORT: each engine's, * being its address
+
+    def kv_events_of(self, address: str) -> tuple[str, ...]:
+        if self.kv_events is None:
+            return ()
+        return (self.kv_events.replace("*", url_host(address), 1),)
 
 
 @dataclass(frozen=True)
@@ -63,6 +72,7 @@ class ProviderSettings:
     engines: tuple[EngineSettings, ...] = ()
     policy: str = "prefix"
     discovered: tuple[DiscoverySettings, ...] = ()
+    kv_events: bool = False  # precise mode: route on the engines' KV-cache events
 
     def fleet(self) -> tuple[EngineSettings, ...]:
         """The engines known at start-up (those of `discovered` are found later)."""
@@ -75,11 +85,13 @@ class ProviderSettings:
 class Provider:
     """Typed, frozen container read by the wiring code and the web layer's dependencies.
     `discovery`: what keeps the discovered engines up to date (its `run()` is the app's to
-    start), or None."""
+    start), or None; `kv_events`: the readers of the engines' KV-cache events (precise mode),
+    running until the provider closes, or None."""
 
     settings: ProviderSettings
     application: Application
     discovery: Discovery | None = None
+    kv_events: KVEventsReaders | None = None
     _clients: Mapping[Upstream, VLLMClient] = field(default_factory=dict, repr=False)
 
     @property
@@ -111,6 +123,17 @@ async def open_provider(
     if monitor is not None and fleet:
         given.setdefault(fleet[0].name, monitor)
     made: dict[Upstream, VLLMClient] = {}  # every client not closed yet, by its engine
+    engines: Engines | None = None  # once built: the events' readers start before it
+
+    def cache_events(name: str, events: Iterable[CacheEvent]) -> None:
+        if engines is not None:
+            engines.cache_events(name, events)
+
+    def cache_restarted(name: str) -> None:
+        if engines is not None:
+            engines.cache_restarted(name)
+
+    readers = KVEventsReaders(cache_events, cache_restarted) if settings.kv_events else None
 
     def build(engine: EngineSettings, own: EngineMonitor | None = None) -> Upstream:
         client = VLLMClient(
@@ -132,6 +155,8 @@ async def open_provider(
             health_interval=engine.health_interval,
         )
         made[upstream] = client
+        if readers is not None:
+            readers.follow(engine.name, engine.kv_events)
         return upstream
 
     pools = {entry.name: entry for entry in settings.discovered}
@@ -146,10 +171,13 @@ async def open_provider(
                 entry.api_key,
                 health_interval=entry.health_interval,
                 timeout=entry.timeout,
+                kv_events=entry.kv_events_of(address),
             )
         )
 
     async def release(engine: Upstream) -> None:
+        if readers is not None:
+            await readers.unfollow(engine.name)
         await made.pop(engine).aclose()
 
     async def close_all() -> None:
@@ -158,6 +186,8 @@ async def open_provider(
 
     async with AsyncExitStack() as stack:
         stack.push_async_callback(close_all)
+        if readers is not None:
+            stack.push_async_callback(readers.aclose)
         upstreams = [build(engine, given.get(engine.name)) for engine in fleet]
         factory = ChatFactory(settings.defaults)
         looked_for: dict[str, list[str]] = {}
@@ -170,6 +200,7 @@ async def open_provider(
             observer=observer,
             drains=drains,
             discovered={model: ", ".join(urls) for model, urls in looked_for.items()},
+            kv_events=settings.kv_events,
         )
         discovery = None
         if settings.discovered:
@@ -181,7 +212,7 @@ async def open_provider(
         application = Application(
             ChatHandler(engines, factory), factory, engines, RelayHandler(engines)
         )
-        yield Provider(settings, application, discovery, made)
+        yield Provider(settings, application, discovery, readers, made)
 
 
 def _pool(entry: DiscoverySettings) -> Pool:

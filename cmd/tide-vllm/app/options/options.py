@@ -195,6 +195,15 @@ class VLLMConfig(_Section):
         "null = ~/.cache/tide-vllm/run/vllm-<port>.pid.",
     )
     api_key: str | None = Field(None, description="Bearer key sent to vLLM (manual mode).")
+    kv_events_endpoint: str | None = Field(
+        None,
+        description="With routing.kv_events: the ZeroMQ endpoint this vLLM publishes its "
+        "KV-cache events on. Auto-started: passed to vLLM (tcp://*:PORT binds every "
+        "interface), null = a socket file of its own (ipc://, under the pid file's folder). "
+        "External: where it publishes (tcp://HOST:PORT; * stands for host), null = none, "
+        "and routing follows what the engine was sent.",
+    )
+    _kv_events: bool = PrivateAttr(False)  # routing.kv_events, set by Config
 
     @field_validator("api_key")
     @classmethod
@@ -220,6 +229,42 @@ class VLLMConfig(_Section):
         if self.pid_file:
             return Path(os.path.expanduser(self.pid_file))
         return Path.home() / ".cache" / "tide-vllm" / "run" / f"vllm-{self.port}.pid"
+
+    @field_validator("kv_events_endpoint")
+    @classmethod
+    def _a_zmq_endpoint(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_kv_endpoint(value)
+        return value
+
+    @property
+    def kv_events_publish(self) -> str | None:
+        """The endpoint vLLM publishes its KV-cache events on (its --kv-events-config), or
+        None when routing does not follow them."""
+        if not self._kv_events or not self.enabled:
+            return None
+        if self.kv_events_endpoint is not None:
+            return self.kv_events_endpoint
+        if not self.auto_start:
+            return None
+        return f"ipc://{self.pid_path.parent / f'kv-events-{self.port}.sock'}"
+
+    def kv_events_subscribe(self, host: str | None = None) -> tuple[str, ...]:
+        """Where the gateway reads the events: the endpoint, `*` (a wildcard bind) read as the
+        engine's host (`host`, or connect_host), one port a rank with data parallelism (vLLM
+        offsets the port by the rank)."""
+        endpoint = self.kv_events_publish
+        if endpoint is None:
+            return ()
+        scheme, address, port = parse_kv_endpoint(endpoint)
+        if scheme == "ipc":
+            return (endpoint,)
+        if address in ("*", "::", "0.0.0.0", ""):
+            address = host or self.connect_host
+        if ":" in address and not address.startswith("["):
+            address = f"[{address}]"
+        ranks = self.data_parallel_size if self.auto_start else 1
+        return tuple(f"tcp://{address}:{port + rank}" for rank in range(ranks))
 
     @property
     def connect_host(self) -> str:
@@ -268,6 +313,28 @@ def parse_discover(url: str) -> tuple[str, int]:
     if problem or port is None:
         raise ValueError(f"must be dns://NAME:PORT, as {DISCOVER_EXAMPLE} ({problem})")
     return host, port
+
+
+KV_ENDPOINT_EXAMPLE = "tcp://*:5557"
+IPC_PATH_MAX = 100  # a Unix socket's path has 108 bytes, ZeroMQ's ipc:// a few less
+
+
+def parse_kv_endpoint(endpoint: str) -> tuple[str, str, int]:
+    """A ZeroMQ endpoint as (scheme, address, port): tcp://HOST:PORT (HOST may be *) or
+    ipc://PATH (address the path, port 0); ValueError saying what is wrong with it."""
+    if endpoint.startswith("ipc://"):
+        path = endpoint.removeprefix("ipc://")
+        if not path:
+            raise ValueError("ipc:// needs a path, as ipc:///run/tide-vllm/kv-events.sock")
+        if len(path.encode()) > IPC_PATH_MAX:
+            raise ValueError(f"the path is longer than {IPC_PATH_MAX} bytes (a socket's limit)")
+        return "ipc", path, 0
+    address, _, port = endpoint.removeprefix("tcp://").rpartition(":")
+    if not endpoint.startswith("tcp://") or not address or not port.isdigit():
+        raise ValueError(f"must be tcp://HOST:PORT or ipc://PATH, as {KV_ENDPOINT_EXAMPLE}")
+    if not 1 <= int(port) <= 65535:
+        raise ValueError("PORT must be from 1 to 65535")
+    return "tcp", address.strip("[]"), int(port)
 
 
 def _is_host(host: str) -> bool:
@@ -331,6 +398,14 @@ class RoutingConfig(_Section):
         "prefix",
         description="prefix: prefix-cache affinity together with load; least_load: the "
         "engine with the fewest requests in flight; round_robin: each in turn.",
+    )
+    kv_events: bool = Field(
+        False,
+        description="prefix only: follow what each engine really caches, from vLLM's KV-cache "
+        "events (auto-started engines publish them; an external one where its "
+        "kv_events_endpoint says), matched against each request's token ids, asked of an "
+        "engine (POST /tokenize) before it is routed. false: routing follows what each "
+        "engine was sent.",
     )
 
 
@@ -429,6 +504,12 @@ class Config(_Section):
         for index, engine in enumerate(self.engines or []):
             engine._key = f"engines[{index}]"
         fleet = self.fleet()
+        if self.routing.kv_events and self.routing.policy != "prefix":
+            raise _fleet_error(
+                "routing.kv_events",
+                f"follows the engines' caches for the prefix policy only (policy is "
+                f"{self.routing.policy}); set routing.policy: prefix or kv_events: false",
+            )
         seen: dict[str, EngineConfig] = {}
         for engine in fleet:
             other = seen.setdefault(engine.name, engine)
@@ -455,6 +536,33 @@ class Config(_Section):
         started = [e for e in fleet if e.enabled and e.auto_start]
         web = self.web.bind_address
         for i, engine in enumerate(started):
+            publish = engine.kv_events_publish
+            if publish is not None:
+                key = f"{engine.config_key}.kv_events_endpoint"
+                if engine.kv_events_endpoint is None:
+                    try:
+                        parse_kv_endpoint(publish)
+                    except ValueError:
+                        raise _fleet_error(
+                            key,
+                            f"the socket file of its KV-cache events, {publish}, has a path "
+                            f"longer than {IPC_PATH_MAX} bytes; set one (ipc://PATH or "
+                            "tcp://*:PORT)",
+                        ) from None
+                if engine.data_parallel_size > 1 and publish.startswith("ipc://"):
+                    raise _fleet_error(
+                        key,
+                        f"with data_parallel_size {engine.data_parallel_size}, vLLM publishes "
+                        "the KV-cache events of each rank on a port of its own, counted from "
+                        f"this one; set a tcp endpoint, as {KV_ENDPOINT_EXAMPLE}",
+                    )
+                for other in started[:i]:
+                    if other.kv_events_publish == publish:
+                        raise _fleet_error(
+                            key,
+                            f"{publish} is where {other.name!r} ({other.config_key}) publishes "
+                            "its KV-cache events too; give each engine its own",
+                        )
             if engine.port == web.port and _same_address(engine.host, web.host):
                 raise _fleet_error(
                     f"{engine.config_key}.port",
@@ -482,8 +590,12 @@ class Config(_Section):
         """The effective settings of every engine: the entries of `engines:`, or the `vllm:`
         section alone, named `default`."""
         if self.engines is not None:
-            return list(self.engines)
-        return [EngineConfig(name=DEFAULT_ENGINE, **self.vllm.model_dump())]
+            fleet = list(self.engines)
+        else:
+            fleet = [EngineConfig(name=DEFAULT_ENGINE, **self.vllm.model_dump())]
+        for engine in fleet:
+            engine._kv_events = self.routing.kv_events
+        return fleet
 
 
 def _same_address(a: str, b: str) -> bool:

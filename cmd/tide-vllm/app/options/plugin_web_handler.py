@@ -69,6 +69,7 @@ def provider_settings(
                     api_key=entry.api_key,
                     health_interval=entry.health_interval,
                     timeout=entry.timeout,
+                    kv_events=entry.kv_events_publish,
                 )
             )
             continue
@@ -81,6 +82,7 @@ def provider_settings(
                 auto_start=entry.auto_start,
                 health_interval=entry.health_interval,
                 timeout=entry.timeout,
+                kv_events=entry.kv_events_subscribe(),
             )
         )
     return ProviderSettings(
@@ -91,6 +93,7 @@ def provider_settings(
         engines=tuple(engines),
         discovered=tuple(discovered),
         policy=config.routing.policy,
+        kv_events=config.routing.kv_events and config.engines is not None,
         defaults=ChatDefaults(
             model=v.model_name,
             system_prompt=config.chat.system_prompt,

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
-from typing import Protocol
+from collections.abc import AsyncIterator, Mapping
+from typing import Any, Protocol
 
 from tide_vllm.domain.fleet.engine import EngineMetrics
 
@@ -45,6 +45,11 @@ class ChatRepository(ABC):
 
     async def engine_gauges(self) -> EngineMetrics:
         """What routing reads of vLLM's own metrics (its queue, its KV cache)."""
+        raise NotImplementedError
+
+    async def tokenize(self, body: Mapping[str, Any]) -> list[int]:
+        """The token ids of a prompt as the engine renders it (vLLM's `POST /tokenize`): `body`
+        holds a chat's messages and template settings, or a completion's prompt."""
         raise NotImplementedError
 
 

@@ -107,12 +107,13 @@ class CircuitBreaker:
 @dataclass(frozen=True, slots=True)
 class EngineMetrics:
     """What an engine's own metrics say, as scraped: requests waiting in its queue, the share of
-    its KV cache in use (0 to 1), the cache's size in tokens when known, and its prefix cache's
-    counters since it started (None when it does not report them)."""
+    its KV cache in use (0 to 1), the cache's size in tokens and its blocks' when known, and its
+    prefix cache's counters since it started (None when it does not report them)."""
 
     waiting: float
     kv_cache_usage: float
     cache_tokens: int | None = None
+    block_tokens: int | None = None
     prefix_cache_hits: float | None = None
     prefix_cache_queries: float | None = None
 

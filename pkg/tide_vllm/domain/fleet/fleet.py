@@ -21,8 +21,15 @@ from dataclasses import dataclass
 from enum import Enum
 
 from .engine import BreakerState, Engine, Gauges
+from .kv_events import CacheEvent, CacheMirror
 from .policy import Candidate, PrefixAffinity, Query, Reason, RoutingPolicy
-from .prefix import BLOCK_BYTES, BYTES_PER_TOKEN, PrefixIndex, RequestFeatures
+from .prefix import (
+    BLOCK_BYTES,
+    BYTES_PER_TOKEN,
+    DEFAULT_BLOCK_TOKENS,
+    PrefixIndex,
+    RequestFeatures,
+)
 
 
 class FleetError(Exception):
@@ -136,6 +143,8 @@ class Fleet:
         """`gauge_max_age`: scraped gauges older than this are ignored (3 scrape intervals)."""
         self.policy: RoutingPolicy = policy or PrefixAffinity()
         self.index = index or PrefixIndex()
+        self.mirror = CacheMirror(self.index)
+        self._block_tokens: dict[str, int] = {}  # model -> its engines' KV block size
         self.gauge_max_age = gauge_max_age
         self._clock = clock
         self._engines: dict[str, Engine] = {}
@@ -168,6 +177,7 @@ class Fleet:
         if not peers:
             del self._by_model[engine.model]
         self.index.forget(engine.model, name)
+        self.mirror.forget(name)
         return engine
 
     def engine(self, name: str) -> Engine:
@@ -258,16 +268,39 @@ class Fleet:
         waiting: float,
         kv_cache_usage: float,
         cache_tokens: int | None = None,
+        block_tokens: int | None = None,
     ) -> None:
         """The engine's vLLM gauges, just scraped: `vllm:num_requests_waiting`,
         `vllm:kv_cache_usage_perc` and, when known, the size of its KV cache in tokens
         (`vllm:cache_config_info`'s num_gpu_blocks x block_size), which bounds what the index
-        believes it holds."""
+        believes it holds, and of its blocks."""
         engine = self.engine(name)
         engine.gauges = Gauges(waiting, kv_cache_usage, self._clock())
+        if block_tokens:
+            self._block_tokens.setdefault(engine.model, block_tokens)
         if cache_tokens is not None:
             blocks = cache_tokens * BYTES_PER_TOKEN // BLOCK_BYTES
             self.index.resize(engine.model, name, blocks)
+
+    def cache_events(self, name: str, events: Iterable[CacheEvent]) -> None:
+        """The engine's own account of its prefix cache (vLLM's KV-cache events), applied to
+        the index. Raises UnknownEngine."""
+        engine = self.engine(name)
+        self.mirror.apply(name, engine.model, events)
+        size = self.mirror.block_tokens.get(name)
+        if size is not None:
+            self._block_tokens.setdefault(engine.model, size)
+
+    def cache_restarted(self, name: str) -> None:
+        """The engine's events start again from nothing (it restarted): so does its cache."""
+        engine = self.engine(name)
+        self.index.forget(engine.model, name)
+        self.mirror.forget(name)
+
+    def block_tokens(self, model: str) -> int:
+        """The size, in tokens, of the KV blocks of `model`'s engines (from their metrics or
+        events; vLLM's default until one said)."""
+        return self._block_tokens.get(model, DEFAULT_BLOCK_TOKENS)
 
     def admit(self, name: str) -> None:
         """The engine passed a health check. If its breaker is half-open, this was the trial
@@ -287,6 +320,7 @@ class Fleet:
         if engine.admitted:
             engine.admitted = False
             self.index.forget(engine.model, name)
+            self.mirror.forget(name)
 
     def drain(self, name: str) -> None:
         """No new requests; those in flight finish."""

@@ -12,7 +12,7 @@ import itertools
 import json
 import math
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +23,10 @@ from typing import Any
 # Token-id prompts are rendered at 4 bytes a token, so a block is exactly 16 tokens.
 BLOCK_BYTES = 64
 BYTES_PER_TOKEN = 4
+# The block size, in tokens, that a request's token ids are cut into before any engine of its
+# model said its own (vLLM's default on GPUs; the CPU build's is 128, learnt from the engine's
+# metrics or its first KV-cache event).
+DEFAULT_BLOCK_TOKENS = 16
 
 # Separators no chat text is expected to hold, so that "a" + "bc" and "ab" + "c" differ.
 _MESSAGE = "\x1e"
@@ -113,6 +117,24 @@ def block_hashes(rendered: bytes, block_size: int = BLOCK_BYTES) -> tuple[int, .
     return tuple(hashes)
 
 
+def root_key(lora_name: str | None = None) -> int:
+    """What a prompt's first block is chained to: the adapter it is computed for, if any."""
+    return 0 if lora_name is None else hash(("lora", lora_name))
+
+
+def token_block_hashes(
+    token_ids: Sequence[int], block_tokens: int, root: int = 0
+) -> tuple[int, ...]:
+    """One name per whole block of `block_tokens` tokens, each chained with the one before it;
+    the tail that does not fill a block is left out, as vLLM only caches whole blocks."""
+    hashes: list[int] = []
+    previous = root
+    for start in range(0, len(token_ids) - block_tokens + 1, block_tokens):
+        previous = hash((previous, tuple(token_ids[start : start + block_tokens])))
+        hashes.append(previous)
+    return tuple(hashes)
+
+
 @dataclass(frozen=True, slots=True)
 class RequestFeatures:
     """What routing needs to know of a request: its prefix hashes, its size, its session."""
@@ -140,6 +162,24 @@ class RequestFeatures:
     ) -> RequestFeatures:
         rendered = render_prompt(prompt)
         return cls(block_hashes(rendered, block_size), len(rendered), session_id, block_size)
+
+    @classmethod
+    def of_tokens(
+        cls,
+        token_ids: Sequence[int],
+        block_tokens: int,
+        *,
+        session_id: str | None = None,
+        root: int = 0,
+    ) -> RequestFeatures:
+        """The request's prompt as the engine will see it, its token ids: its blocks named as
+        the engines' KV-cache events name theirs (kv_events.token_block_hashes)."""
+        return cls(
+            token_block_hashes(token_ids, block_tokens, root),
+            len(token_ids) * BYTES_PER_TOKEN,
+            session_id,
+            block_tokens * BYTES_PER_TOKEN,
+        )
 
     @property
     def total_blocks(self) -> int:
@@ -204,6 +244,13 @@ class PrefixIndex:
         if table is None:
             table = tables[engine] = _Table(self.blocks_per_engine)
         table.resize(max(1, blocks))
+
+    def discard(self, model: str, engine: str, hashes: Iterable[int]) -> None:
+        """`engine` no longer holds these blocks (it evicted them)."""
+        table = self._tables.get(model, {}).get(engine)
+        if table is not None:
+            for h in hashes:
+                table.blocks.pop(h, None)
 
     def forget(self, model: str, engine: str) -> None:
         """Drop what `engine` was thought to hold (it restarted, or left the fleet)."""

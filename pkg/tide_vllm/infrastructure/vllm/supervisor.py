@@ -112,6 +112,8 @@ class EngineSpec(Protocol):
     @property
     def extra_args(self) -> list[str]: ...
     @property
+    def kv_events_publish(self) -> str | None: ...
+    @property
     def env(self) -> dict[str, str]: ...
     @property
     def api_key(self) -> str | None: ...
@@ -151,7 +153,7 @@ def default_vllm_command() -> list[str]:
 def build_command(config: EngineSpec) -> list[str]:
     """The launch command followed by one flag per start-up key of the spec, the scale-out
     keys' flags that are set, the flag that keeps the health probe out of vLLM's access log,
-    then the user's `extra_args`."""
+    the KV-cache events' settings when routing follows them, then the user's `extra_args`."""
     command = list(config.command) if config.command else default_vllm_command()
 
     def toggle(name: str, on: bool) -> str:
@@ -169,6 +171,16 @@ def build_command(config: EngineSpec) -> list[str]:
         scale_out += ["--data-parallel-size", str(config.data_parallel_size)]
     if config.distributed_executor_backend is not None:
         scale_out += ["--distributed-executor-backend", config.distributed_executor_backend]
+    # Routing's precise mode: vLLM publishes what it stores in and evicts from its prefix
+    # cache (every topic; the gateway subscribes to all), unless extra_args configure it.
+    kv_events: list[str] = []
+    if config.kv_events_publish is not None and "--kv-events-config" not in given:
+        settings = {
+            "enable_kv_cache_events": True,
+            "publisher": "zmq",
+            "endpoint": config.kv_events_publish,
+        }
+        kv_events = ["--kv-events-config", json.dumps(settings, separators=(",", ":"))]
     return [
         *command,
         "--model", config.model_path,
@@ -185,6 +197,7 @@ def build_command(config: EngineSpec) -> list[str]:
         toggle("enable-prefix-caching", config.enable_prefix_caching),
         toggle("enable-chunked-prefill", config.enable_chunked_prefill),
         *quiet_probe,
+        *kv_events,
         *config.extra_args,
     ]  # fmt: skip
 

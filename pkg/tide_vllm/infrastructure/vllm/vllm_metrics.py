@@ -22,6 +22,7 @@ def parse_engine_metrics(text: str) -> EngineMetrics:
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
     cache_tokens: int | None = None
+    block_tokens: int | None = None
     for family in text_string_to_metric_families(text):
         if not family.name.startswith("vllm:"):
             continue
@@ -32,6 +33,7 @@ def parse_engine_metrics(text: str) -> EngineMetrics:
                 block_size = sample.labels.get("block_size")
                 if blocks and block_size and blocks.isdigit() and block_size.isdigit():
                     cache_tokens = (cache_tokens or 0) + int(blocks) * int(block_size)
+                    block_tokens = int(block_size) or None
             elif name in (WAITING, KV_CACHE_USAGE, PREFIX_HITS, PREFIX_QUERIES):
                 sums[name] = sums.get(name, 0.0) + sample.value
                 counts[name] = counts.get(name, 0) + 1
@@ -41,6 +43,7 @@ def parse_engine_metrics(text: str) -> EngineMetrics:
         waiting=sums[WAITING],
         kv_cache_usage=sums[KV_CACHE_USAGE] / counts[KV_CACHE_USAGE],  # a mean, not a sum
         cache_tokens=cache_tokens,
+        block_tokens=block_tokens,
         prefix_cache_hits=sums.get(PREFIX_HITS),
         prefix_cache_queries=sums.get(PREFIX_QUERIES),
     )

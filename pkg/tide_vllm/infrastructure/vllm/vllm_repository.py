@@ -106,6 +106,18 @@ class VLLMChatRepository(ChatRepository):
         except ValueError as exc:
             raise EngineFailed(f"vLLM's metrics cannot be read: {exc}") from None
 
+    async def tokenize(self, body: Mapping[str, Any]) -> list[int]:
+        answer = await self.client.open(
+            "POST", "/tokenize", [(b"content-type", b"application/json")], orjson.dumps(body)
+        )
+        content = await answer.read()
+        if answer.status >= 400:
+            raise _upstream_error(answer.status, content)
+        tokens = _json_object(content).get("tokens")
+        if not isinstance(tokens, list) or not all(type(t) is int for t in tokens):
+            raise EngineFailed("vLLM's /tokenize did not answer token ids")
+        return tokens
+
     async def _get(self, path: str) -> bytes:
         answer = await self.client.open("GET", path)
         content = await answer.read()
