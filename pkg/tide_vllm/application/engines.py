@@ -184,6 +184,10 @@ class EngineView:
     failures: int
     estimated_hit_rate: float | None  # the gateway's own, from its prefix index
     prefix_cache_hit_rate: float | None  # vLLM's, since the engine started
+    # Precise mode (routing.kv_events), else None: the engine's KV-cache event batches read,
+    # and the blocks they say it holds in its prefix cache.
+    kv_event_batches: int | None = None
+    cached_blocks: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -284,6 +288,7 @@ class Engines:
         self.kv_events = kv_events and self._hashing
         self.tokenize_failures = 0
         self._tokenizer_turn = 0
+        self._event_batches: dict[str, int] = {}
         self._metrics: dict[str, EngineMetrics] = {}
         self._states: dict[str, tuple[str, float]] = {}
         self._probed_at: dict[str, float] = {}
@@ -626,7 +631,7 @@ class Engines:
         peers.remove(upstream)
         if not peers and upstream.model not in self._discovered:
             del self._by_model[upstream.model]
-        for notes in (self._metrics, self._states, self._probed_at):
+        for notes in (self._metrics, self._states, self._probed_at, self._event_batches):
             notes.pop(name, None)
         if self._drains is not None and engine.draining:
             self._drains.set(name, False)  # an engine found again later is a new one
@@ -741,6 +746,12 @@ class Engines:
                     failures=snap.failures,
                     estimated_hit_rate=snap.hit_rate,
                     prefix_cache_hit_rate=scraped.prefix_cache_hit_rate if scraped else None,
+                    kv_event_batches=(
+                        self._event_batches.get(upstream.name, 0) if self.kv_events else None
+                    ),
+                    cached_blocks=(
+                        self.fleet.mirror.blocks(upstream.name) if self.kv_events else None
+                    ),
                 )
             )
         return views
@@ -768,6 +779,7 @@ class Engines:
         """An engine's KV-cache events, as its publisher sent them."""
         if name in self.upstreams:
             self.fleet.cache_events(name, events)
+            self._event_batches[name] = self._event_batches.get(name, 0) + 1
 
     def cache_restarted(self, name: str) -> None:
         if name in self.upstreams:

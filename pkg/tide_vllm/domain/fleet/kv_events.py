@@ -115,6 +115,10 @@ class CacheMirror:
                 del names[stale]
         self.index.record(model, named, engine)
 
+    def blocks(self, engine: str) -> int:
+        """How many blocks the engine's events say it holds (those the mirror could name)."""
+        return len(self._names.get(engine, ()))
+
     def forget(self, engine: str) -> None:
         """The engine restarted or left: its blocks are gone, and so are their names."""
         self._names.pop(engine, None)
