@@ -11,7 +11,13 @@ from tide_vllm.domain.chat.entity import RelayRequest
 from tide_vllm.domain.chat.repository import RelayAnswer
 from tide_vllm.domain.fleet import RequestFeatures
 
-from .engines import NO_FEATURES, Engines, chat_tokens_query, prompt_tokens_query
+from .engines import (
+    NO_FEATURES,
+    Engines,
+    TokensQuery,
+    chat_tokens_query,
+    prompt_tokens_query,
+)
 
 SESSION_HEADER = b"x-session-id"
 
@@ -39,9 +45,13 @@ class RelayHandler:
                     return RequestFeatures.of_prompt(body[key], session_id=session_id)
             return RequestFeatures(session_id=session_id)
 
-        if "messages" in body:
+        # Precise mode asks an engine for the prompt's token ids of the routes that generate
+        # from one; the others (embeddings, scores, /tokenize itself …) route on their text.
+        path = request.target.partition("?")[0]
+        tokens: TokensQuery | None = None
+        if path == "/v1/chat/completions":
             tokens = chat_tokens_query(body)
-        else:  # a completion's prompt (other routes' inputs are left to their text)
+        elif path == "/v1/completions":
             tokens = prompt_tokens_query(body.get("prompt"))
         features = engines.features(model, build, session_id, tokens, body.get("model"))
         return await engines.relay(model, features, request)
