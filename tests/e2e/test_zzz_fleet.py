@@ -1,7 +1,9 @@
 """Runs after the shared service has stopped (test_zz_shutdown.py): tide-vllm starts a fleet of
-two real CPU vLLM replicas of the demo model from `engines:`, routes a multi-turn conversation
-to the replica that holds its prefix, and keeps answering from the other replica when that one
-is killed. Nothing here depends on the model's words."""
+two real CPU vLLM replicas of the demo model from `engines:`, in routing's precise mode (each
+replica publishes its KV-cache events, each request's token ids are asked of a replica), routes
+a multi-turn conversation to the replica that holds its prefix, as that replica's own events
+say, and keeps answering from the other replica when that one is killed. Nothing here depends
+on the model's words."""
 
 from __future__ import annotations
 
@@ -42,7 +44,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
         {"name": name, "port": free_port(), "env": {"VLLM_CPU_OMP_THREADS_BIND": str(core)}}
         for core, name in enumerate(("left", "right"))
     ]
-    config["routing"] = {"policy": "prefix"}
+    config["routing"] = {"policy": "prefix", "kv_events": True}
     service = ServiceProcess(config, tmp_path_factory.mktemp("fleet"))
     try:
         service.wait_listening()
@@ -93,6 +95,14 @@ def test_a_conversation_is_answered_and_survives_the_death_of_its_replica(fleet)
     dispatched = {e["name"]: e["dispatched"] for e in engines(fleet)}
     home = max(dispatched, key=lambda name: dispatched[name])
     assert dispatched[home] == 3, f"the conversation's turns were spread: {dispatched}"
+    # The replica's own events say it holds the conversation's blocks; the other holds none.
+    deadline = time.monotonic() + 10
+    while not (listing := {e["name"]: e for e in engines(fleet)})[home]["cached_blocks"]:
+        assert time.monotonic() < deadline, listing
+        time.sleep(0.2)
+    assert listing[home]["kv_event_batches"] > 0
+    other = next(name for name in listing if name != home)
+    assert listing[other]["cached_blocks"] == 0, listing
 
     port = next(e["port"] for e in fleet.config["engines"] if e["name"] == home)
     victim = api_server_of(fleet, port)
@@ -109,5 +119,4 @@ def test_a_conversation_is_answered_and_survives_the_death_of_its_replica(fleet)
     assert r.status_code == 200, r.text  # the model still has a ready engine
     states = {e["name"]: e["state"] for e in r.json()["engines"]}
     assert states[home] in ("restarting", "starting", "ready") and states[home] != "failed"
-    other = next(name for name in states if name != home)
     assert states[other] == "ready"
