@@ -10,9 +10,11 @@ of think time; and the hot spot: one group of 10 users, three of 2. Every reques
 `/v1/chat/completions` with `stream_options.include_usage` and `X-Session-Id: <user>`; the time to
 first token is measured to the first content event.
 
-Rows, each in front of the same replicas: tide-vllm with `routing.policy: prefix` and
-`round_robin`, vllm-router (bench/.venv-router) with `cache_aware` and `round_robin`, and, last
-(it kills a replica), tide-vllm prefix with one replica SIGKILLed half-way. Every run gets a
+Rows, each in front of the same replicas: tide-vllm with `routing.policy: prefix`, the same in
+precise mode (tide-prefix-kv: `routing.kv_events: true`, each engine's `kv_events_endpoint` the
+socket file its replica publishes its KV-cache events on) and `round_robin`, vllm-router
+(bench/.venv-router) with `cache_aware` and `round_robin`, and, last (it kills a replica),
+tide-vllm prefix with one replica SIGKILLed half-way. Every run gets a
 fresh router process (no router starts with what it learnt in another run) and emptied prefix
 caches; the hit rate, the replicas' shares and the request counts come from the replicas' own
 /metrics, read before and after.
@@ -51,6 +53,7 @@ from bench_proc import (
 )
 from bench_report import machine_info, write_json
 from fleet_replicas import (
+    KV_ENDPOINT,
     check_render,
     in_flight,
     kill_replica,
@@ -61,6 +64,7 @@ from fleet_replicas import (
 )
 from fleet_report import (
     KILL_ROW,
+    KV_ROW,
     ROUTER_ROWS,
     ROWS,
     RequestResult,
@@ -80,6 +84,13 @@ RESULTS = REPO / "bench" / "results"
 QUICK_ROWS = ("tide-prefix", "router-cache_aware", KILL_ROW)
 REQUEST_TIMEOUT = httpx.Timeout(300.0, connect=10.0)
 BUSY_WARNING = 10.0  # % of all CPUs used by others between runs
+# tide-vllm's rows: routing.policy and routing.kv_events (precise mode).
+TIDE_ROUTING = {
+    "tide-prefix": ("prefix", False),
+    KV_ROW: ("prefix", True),
+    "tide-round_robin": ("round_robin", False),
+    KILL_ROW: ("prefix", False),
+}
 
 
 def default_model_dir() -> Path:
@@ -93,30 +104,38 @@ def default_model_dir() -> Path:
 
 
 # -- what is measured ---------------------------------------------------------------------------
-def tide_config(port: int, replicas: list[Server], policy: str, model: str) -> str:
-    """tide-vllm in front of the replicas as external engines (issue 16's shape)."""
-    engines = "".join(
-        f"  - {{name: {r.name}, auto_start: false, host: 127.0.0.1, port: {r.port}, "
-        f"model_name: {model}}}\n"
-        for r in replicas
-    )
+def tide_config(
+    port: int, replicas: list[Server], policy: str, model: str, kv_events: bool = False
+) -> str:
+    """tide-vllm in front of the replicas as external engines (issue 16's shape); with
+    `kv_events`, in precise mode: each engine read at the endpoint its replica publishes on."""
+
+    def engine(r: Server) -> str:
+        kv = f", kv_events_endpoint: {json.dumps(r.extra[KV_ENDPOINT])}" if kv_events else ""
+        return (
+            f"  - {{name: {r.name}, auto_start: false, host: 127.0.0.1, port: {r.port}, "
+            f"model_name: {model}{kv}}}\n"
+        )
+
+    routing = f"{{policy: {policy}, kv_events: true}}" if kv_events else f"{{policy: {policy}}}"
     return (
         f"web: {{bind_address: {{host: 127.0.0.1, port: {port}}}}}\n"
         f"vllm: {{timeout: 300, model_name: {model}}}\n"
-        f"engines:\n{engines}"
-        f"routing: {{policy: {policy}}}\n"
+        f"engines:\n{''.join(engine(r) for r in replicas)}"
+        f"routing: {routing}\n"
         "log: {level: WARNING}\n"
     )
 
 
 def start_row(row: str, replicas: list[Server], workdir: Path, router: Path | None) -> Server:
     """A fresh tide-vllm or vllm-router for `row`, ready to serve."""
-    policy = row.split("-", 1)[1].removesuffix("-kill")
-    if row.startswith("tide-"):
+    if row in TIDE_ROUTING:
+        policy, kv_events = TIDE_ROUTING[row]
         port = free_port()
-        config = tide_config(port, replicas, policy, MODEL_NAME)
+        config = tide_config(port, replicas, policy, MODEL_NAME, kv_events)
         return launch_gateway(sys.executable, port, config, workdir, row, timeout=60)
-    assert router is not None
+    assert router is not None and row in ROUTER_ROWS
+    policy = row.removeprefix("router-")
     urls = [r.url for r in replicas]
     body = orjson.dumps(
         {"model": MODEL_NAME, "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]}
@@ -360,7 +379,8 @@ def report(
         "",
         table(runs),
         "",
-        "Targets (tide-vllm prefix against the best hit rate and vllm-router cache_aware):",
+        "Targets (tide-vllm prefix, and tide-prefix-kv if it ran, against the best hit rate and "
+        "vllm-router cache_aware):",
         "",
         target_lines(targets(runs)),
     ]

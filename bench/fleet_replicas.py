@@ -7,16 +7,23 @@ decides whether its prefix is still cached. VLLM_SERVER_DEV_MODE=1 adds
 `POST /reset_prefix_cache`, which empties the cache before every run so no run inherits
 another's; `--enable-scale-out` adds `POST /v1/chat/completions/render`, which vllm-router's
 cache_aware calls to see the prompt (without it, vLLM answers 403 and cache_aware quietly
-spreads requests instead). Each replica runs in a process group of its own (start_new_session):
-the API server forks EngineCore and Worker, and only a signal to the group ends them all.
+spreads requests instead). Each replica also publishes its KV-cache events
+(`--kv-events-config`, ZeroMQ) on a socket file of its own, `<workdir>/kv-r<i>.sock` (vLLM binds
+an ipc:// endpoint), recorded as `extra["kv_events_endpoint"]` for tide-vllm's precise mode
+(row tide-prefix-kv); the publisher is passive, so the other rows are unaffected. Each replica
+runs in a process group of its own (start_new_session): the API server forks EngineCore and
+Worker, and only a signal to the group ends them all.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,9 +40,32 @@ MAX_NUM_SEQS = 16
 FLAGS = ["--dtype", "float32", "--enforce-eager", "--max-model-len", "4096"]
 START_TIMEOUT = 900.0  # s; two replicas start together on two busy cores
 PROGRESS_EVERY = 20.0  # s between "still starting" lines
+# A socket file's path: 108 bytes for Unix, a few less for ZeroMQ's ipc://; as tide-vllm's
+# configuration (options.IPC_PATH_MAX), which refuses a longer kv_events_endpoint.
+IPC_PATH_MAX = 100
+KV_ENDPOINT = "kv_events_endpoint"  # Server.extra's key: where the replica publishes
+KV_TMPDIR = "kv_tmpdir"  # Server.extra's key: a folder of our own for the socket, if any
 
 
-def replica_command(model_dir: Path, model_name: str, port: int, cpu: int) -> list[str]:
+def kv_socket_dir(workdir: Path, replicas: int) -> tuple[Path, bool]:
+    """Where the replicas' socket files go: `workdir` if their paths fit in IPC_PATH_MAX
+    bytes, else a short folder of our own (True: to be removed with the replicas)."""
+    longest = workdir / f"kv-r{replicas - 1}.sock"
+    if len(str(longest).encode()) <= IPC_PATH_MAX:
+        return workdir, False
+    return Path(tempfile.mkdtemp(prefix="tide-kv-")), True
+
+
+def kv_events_config(endpoint: str) -> str:
+    """vLLM's --kv-events-config: publish every KV-cache event on `endpoint` over ZeroMQ."""
+    settings = {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": endpoint}
+    return json.dumps(settings, separators=(",", ":"))
+
+
+def replica_command(
+    model_dir: Path, model_name: str, port: int, cpu: int, kv_endpoint: str | None = None
+) -> list[str]:
+    kv_events = ["--kv-events-config", kv_events_config(kv_endpoint)] if kv_endpoint else []
     return [
         "taskset", "-c", str(cpu),
         sys.executable, "-m", VLLM_SERVER_MODULE,
@@ -46,6 +76,7 @@ def replica_command(model_dir: Path, model_name: str, port: int, cpu: int) -> li
         "--num-gpu-blocks-override", str(KV_BLOCKS),
         "--enable-scale-out",
         "--disable-uvicorn-access-log",
+        *kv_events,
         *FLAGS,
     ]  # fmt: skip
 
@@ -63,25 +94,33 @@ def replica_env(cpu: int) -> dict[str, str]:
 def start_replicas(
     model_dir: Path, model_name: str, cpus: list[int], workdir: Path
 ) -> list[Server]:
-    """One replica per CPU in `cpus`, launched together; returns once every one answers
+    """One replica per CPU in `cpus`, launched together, each publishing its KV-cache events
+    on a socket file (Server.extra[KV_ENDPOINT]); returns once every one answers
     GET /v1/models (or stops them all and raises StartError)."""
     replicas: list[Server] = []
+    sockets, own = kv_socket_dir(workdir, len(cpus))
     try:
         for index, cpu in enumerate(cpus):
             port = free_port()
             log = workdir / f"replica-r{index}.log"
+            endpoint = f"ipc://{sockets / f'kv-r{index}.sock'}"
+            extra = {"cpu": str(cpu), KV_ENDPOINT: endpoint}
+            if own:
+                extra[KV_TMPDIR] = str(sockets)
             proc = subprocess.Popen(
-                replica_command(model_dir, model_name, port, cpu),
+                replica_command(model_dir, model_name, port, cpu, endpoint),
                 env=replica_env(cpu),
                 stdin=subprocess.DEVNULL,
                 stdout=log.open("wb"),
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-            replicas.append(Server(f"r{index}", proc, port, log, {"cpu": str(cpu)}))
+            replicas.append(Server(f"r{index}", proc, port, log, extra))
         _wait_ready(replicas, START_TIMEOUT)
     except BaseException:
         stop_replicas(replicas)
+        if own:
+            shutil.rmtree(sockets, ignore_errors=True)
         raise
     return replicas
 
@@ -120,6 +159,8 @@ def _wait_ready(replicas: list[Server], timeout: float) -> None:
 def stop_replicas(replicas: list[Server]) -> None:
     for replica in replicas:
         stop_group(replica)
+    for folder in {r.extra[KV_TMPDIR] for r in replicas if KV_TMPDIR in r.extra}:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def kill_replica(replica: Server) -> None:

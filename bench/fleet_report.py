@@ -21,10 +21,11 @@ COUNTERS = (HITS, QUERIES, SUCCESS, PROMPT_TOKENS)
 RUNNING = "vllm:num_requests_running"
 WAITING = "vllm:num_requests_waiting"
 
-TIDE_ROWS = ("tide-prefix", "tide-round_robin")
+KV_ROW = "tide-prefix-kv"  # precise mode: routing.kv_events, from the replicas' KV-cache events
+TIDE_ROWS = ("tide-prefix", KV_ROW, "tide-round_robin")
 ROUTER_ROWS = ("router-cache_aware", "router-round_robin")
 KILL_ROW = "tide-prefix-kill"
-ROWS = (*TIDE_ROWS, *ROUTER_ROWS, KILL_ROW)
+ROWS = (*TIDE_ROWS, *ROUTER_ROWS, KILL_ROW)  # the kill row last: it leaves one replica
 
 
 def samples(text: str) -> dict[str, float]:
@@ -227,12 +228,16 @@ class Target:
 
 
 def targets(runs: Sequence[RunResult]) -> list[Target]:
-    """The issue's targets, for each workload that ran, then the kill variant's."""
+    """The issue's targets, for each workload that ran: tide-prefix's, then, if it ran on that
+    workload, tide-prefix-kv's (lines named "<workload>, tide-prefix-kv: …"); then the kill
+    variant's."""
     out: list[Target] = []
     workloads = list(dict.fromkeys(r.workload for r in runs if r.row != KILL_ROW))
     for workload in workloads:
         by_row = {r.row: r for r in runs if r.workload == workload and r.row != KILL_ROW}
         out.extend(_workload_targets(workload, by_row))
+        if KV_ROW in by_row:
+            out.extend(_workload_targets(workload, by_row, KV_ROW))
     kills = [r for r in runs if r.row == KILL_ROW]
     for run in kills:
         failed = run.failed_before_streaming
@@ -248,8 +253,13 @@ def targets(runs: Sequence[RunResult]) -> list[Target]:
     return out
 
 
-def _workload_targets(workload: str, by_row: Mapping[str, RunResult]) -> list[Target]:
-    tide, router = by_row.get("tide-prefix"), by_row.get("router-cache_aware")
+def _workload_targets(
+    workload: str, by_row: Mapping[str, RunResult], row: str = "tide-prefix"
+) -> list[Target]:
+    """`row`'s targets on `workload` (tide-prefix's lines are named by the workload alone)."""
+    tide, router = by_row.get(row), by_row.get("router-cache_aware")
+    if row != "tide-prefix":
+        workload = f"{workload}, {row}"
     out = []
     rates = {row: r.hit_rate for row, r in by_row.items() if r.hit_rate is not None}
     if tide is None or tide.hit_rate is None or not rates:
@@ -286,7 +296,7 @@ def _workload_targets(workload: str, by_row: Mapping[str, RunResult]) -> list[Ta
             )
         )
     if tide is None:
-        out.append(Target(f"{workload}: 0 errors", None, "no tide-prefix run"))
+        out.append(Target(f"{workload}: 0 errors", None, f"no {row} run"))
     else:
         out.append(Target(f"{workload}: 0 errors", tide.errors == 0, f"{tide.errors} errors"))
     return out

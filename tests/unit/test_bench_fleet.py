@@ -3,6 +3,7 @@ run, and the figures must come out of vLLM's counters as the issue defines them.
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -11,8 +12,12 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
 import fleet  # noqa: E402
+import fleet_replicas as replicas_mod  # noqa: E402
 import fleet_report as report  # noqa: E402
 import fleet_workload as workload  # noqa: E402
+from bench_proc import Server  # noqa: E402
+
+from tide_vllm_cmd.app.options.options import load_config  # noqa: E402
 
 METRICS = """\
 # HELP vllm:prefix_cache_queries Prefix cache queries, in terms of number of queried tokens.
@@ -171,6 +176,39 @@ def test_targets_met_not_met_and_not_checked() -> None:
     assert "not checked" in report.target_lines(report.targets([rr]))
 
 
+def test_the_precise_rows_targets_are_lines_of_their_own() -> None:
+    tide = run("tide-prefix", 0.795, [0.1] * 10, seconds=9.0)
+    kv = run("tide-prefix-kv", 0.70, [0.19] * 10, seconds=11.0)
+    kv.requests.append(request(None, "refused", False))
+    router = run("router-cache_aware", 0.80, [0.2] * 10, seconds=10.0)
+    found = report.targets([tide, kv, router])
+    whats = [t.what for t in found]
+    assert whats == [
+        "w: hit rate within 0.01 of the best",
+        "w: TTFT p90 ≤ 0.9 × cache_aware's",
+        "w: req/s ≥ cache_aware's",
+        "w: 0 errors",
+        "w, tide-prefix-kv: hit rate within 0.01 of the best",
+        "w, tide-prefix-kv: TTFT p90 ≤ 0.9 × cache_aware's",
+        "w, tide-prefix-kv: req/s ≥ cache_aware's",
+        "w, tide-prefix-kv: 0 errors",
+        "kill a replica: 0 failed before streaming",
+    ]
+    assert [t.met for t in found[:4]] == [True, True, True, True]  # tide-prefix's, unchanged
+    assert [t.met for t in found[4:8]] == [False, False, False, False]
+    assert found[4].detail == "70.0 %, best 80.0 % (router-cache_aware)"
+    assert found[7].detail == "1 errors"
+
+    # Without tide-prefix, its lines are not checked; the precise row's still are.
+    alone = report.targets([kv, router])
+    assert [t.met for t in alone[:4]] == [None, None, None, None]
+    assert alone[3].detail == "no tide-prefix run"
+    assert alone[5].what == "w, tide-prefix-kv: TTFT p90 ≤ 0.9 × cache_aware's"
+    assert alone[5].met is False
+    # Without the precise row, no line of its own (the output is as before it existed).
+    assert not any("tide-prefix-kv" in t.what for t in report.targets([tide, router]))
+
+
 def test_the_kill_target() -> None:
     kill = run("tide-prefix-kill", 0.5, [0.1], killed=0)
     assert report.targets([kill])[-1].met is True
@@ -199,11 +237,86 @@ def test_the_kill_run_is_last_and_on_the_first_workload() -> None:
         fleet.parse_args(["--only", "nginx"])
 
 
-def test_tide_config_lists_the_replicas_as_external_engines() -> None:
-    from bench_proc import Server
+def test_the_rows_order() -> None:
+    assert report.ROWS.index("tide-prefix-kv") == report.ROWS.index("tide-prefix") + 1
+    assert report.ROWS[-1] == report.KILL_ROW
+    args = fleet.parse_args(["--only", "tide-prefix-kill,tide-prefix-kv,tide-prefix"])
+    assert args.rows == ["tide-prefix", "tide-prefix-kv", "tide-prefix-kill"]
 
-    replicas = [Server(f"r{i}", None, 8000 + i, Path("x")) for i in range(2)]  # type: ignore[arg-type]
-    text = fleet.tide_config(10002, replicas, "prefix", "M")
+
+def test_every_tide_row_has_its_routing() -> None:
+    assert set(fleet.TIDE_ROUTING) == {*report.TIDE_ROWS, report.KILL_ROW}
+    assert fleet.TIDE_ROUTING["tide-prefix"] == ("prefix", False)
+    assert fleet.TIDE_ROUTING["tide-prefix-kv"] == ("prefix", True)
+    assert fleet.TIDE_ROUTING["tide-round_robin"] == ("round_robin", False)
+    assert fleet.TIDE_ROUTING["tide-prefix-kill"] == ("prefix", False)
+
+
+def fake_replicas(workdir: Path) -> list[Server]:
+    return [
+        Server(
+            f"r{i}",
+            None,  # type: ignore[arg-type]
+            8000 + i,
+            Path("x"),
+            {replicas_mod.KV_ENDPOINT: f"ipc://{workdir / f'kv-r{i}.sock'}"},
+        )
+        for i in range(2)
+    ]
+
+
+def load(tmp_path: Path, text: str):
+    path = tmp_path / "tide-vllm.yaml"
+    path.write_text(text)
+    return load_config(path, environ={})
+
+
+def test_tide_config_lists_the_replicas_as_external_engines(tmp_path: Path) -> None:
+    text = fleet.tide_config(10002, fake_replicas(tmp_path), "prefix", "M")
     assert "- {name: r0, auto_start: false, host: 127.0.0.1, port: 8000, model_name: M}" in text
     assert "- {name: r1, auto_start: false, host: 127.0.0.1, port: 8001, model_name: M}" in text
     assert "routing: {policy: prefix}" in text
+    config = load(tmp_path, text)
+    assert (config.routing.policy, config.routing.kv_events) == ("prefix", False)
+    assert [(e.name, e.port, e.auto_start) for e in config.fleet()] == [
+        ("r0", 8000, False),
+        ("r1", 8001, False),
+    ]
+    assert all(e.kv_events_subscribe() == () for e in config.fleet())
+
+
+def test_tide_config_in_precise_mode_reads_each_replicas_events(tmp_path: Path) -> None:
+    replicas = fake_replicas(tmp_path)
+    text = fleet.tide_config(10002, replicas, "prefix", "M", kv_events=True)
+    assert "routing: {policy: prefix, kv_events: true}" in text
+    config = load(tmp_path, text)
+    assert (config.routing.policy, config.routing.kv_events) == ("prefix", True)
+    for engine, replica in zip(config.fleet(), replicas, strict=True):
+        endpoint = replica.extra[replicas_mod.KV_ENDPOINT]
+        assert engine.auto_start is False
+        assert engine.kv_events_endpoint == endpoint
+        assert engine.kv_events_subscribe() == (endpoint,)
+
+
+# -- the replicas' KV-cache events --------------------------------------------------------------
+def test_replicas_publish_their_kv_events_on_a_socket_file() -> None:
+    command = replicas_mod.replica_command(Path("/m"), "M", 8000, 1, "ipc:///w/kv-r1.sock")
+    flag = command.index("--kv-events-config")
+    assert json.loads(command[flag + 1]) == {
+        "enable_kv_cache_events": True,
+        "publisher": "zmq",
+        "endpoint": "ipc:///w/kv-r1.sock",
+    }
+    assert "--kv-events-config" not in replicas_mod.replica_command(Path("/m"), "M", 8000, 1)
+
+
+def test_the_socket_files_fall_back_to_a_short_folder(tmp_path: Path) -> None:
+    short = tmp_path / "w"
+    assert replicas_mod.kv_socket_dir(short, 2) == (short, False)
+    deep = tmp_path / ("d" * 120)
+    folder, own = replicas_mod.kv_socket_dir(deep, 2)
+    try:
+        assert own and folder.is_dir()
+        assert len(str(folder / "kv-r1.sock").encode()) <= replicas_mod.IPC_PATH_MAX
+    finally:
+        folder.rmdir()
