@@ -254,7 +254,8 @@ async def test_routing_goes_on_from_the_text_when_no_engine_gives_token_ids(make
     homes = {await fleet.chat(conversation("tides", turn)) for turn in range(1, 5)}
     assert len(homes) == 1  # the conversation keeps to one engine, on its text's blocks
     assert sum(e.tokenized for e in fleet.engines.values()) == 4
-    assert fleet.app.state.provider.application.engines.tokenize_failures == 4
+    admin = (await fleet.http.get("/admin/engines")).json()
+    assert admin["kv_events"] is True and admin["tokenize_failures"] == 4
 
 
 async def test_an_engine_whose_events_start_again_is_thought_empty(make_precise):

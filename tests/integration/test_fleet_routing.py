@@ -443,6 +443,7 @@ async def test_a_drained_engine_finishes_its_requests_and_takes_no_new_ones(make
     r0 = next(e for e in listing["engines"] if e["name"] == "r0")
     assert (r0["state"], r0["requests_in_flight"], r0["draining"]) == ("draining", 0, True)
     assert listing["policy"] == "round_robin"
+    assert listing["kv_events"] is False and listing["tokenize_failures"] is None
     r = await fleet.http.post("/admin/engines/r0/resume", headers=auth)
     assert r.json()["state"] == "ready"
     fleet["r0"].behaviour = None

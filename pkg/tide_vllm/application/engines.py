@@ -13,6 +13,7 @@ discovery); one that leaves takes no new request, and those it has in flight fin
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import (
@@ -286,8 +287,12 @@ class Engines:
         self._leaving: dict[int, _Leaving] = {}  # by id() of the Upstream removed
         self._hashing = isinstance(self.fleet.policy, PrefixAffinity)
         self.kv_events = kv_events and self._hashing
+        self.fleet.precise = self.kv_events
         self.tokenize_failures = 0
+        self._tokenize_warned_at = -1e9
         self._tokenizer_turn = 0
+        self._block_scrape: asyncio.Task[None] | None = None
+        self._block_scraped_at = -1e9
         self._event_batches: dict[str, int] = {}
         self._metrics: dict[str, EngineMetrics] = {}
         self._states: dict[str, tuple[str, float]] = {}
@@ -344,6 +349,9 @@ class Engines:
     ) -> RequestFeatures:
         """The request's token-id blocks; its text's if no engine tells its token ids in time
         (routing then matches what engines were sent, not what they hold)."""
+        learning = None
+        if not self.fleet.knows_block_tokens(model):
+            learning = self._learn_block_tokens()  # read at once, alongside the token ids
         if isinstance(tokens, Mapping):
             upstream = self._tokenizer(model)
             if upstream is None:
@@ -353,14 +361,40 @@ class Engines:
                 async with asyncio.timeout(TOKENIZE_TIMEOUT):
                     ids: Sequence[int] = await upstream.chat.tokenize(query)
             except (ChatError, TimeoutError, NotImplementedError) as exc:
-                self.tokenize_failures += 1
-                log.debug("engine %s: no token ids for routing: %s", upstream.name, exc)
+                self._tokenize_failed(upstream.name, exc)
                 return build()
         else:
             ids = tokens
+        if learning is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(TOKENIZE_TIMEOUT):
+                    await asyncio.shield(learning)
         return RequestFeatures.of_tokens(
             ids, self.fleet.block_tokens(model), session_id=session_id, root=root_key(adapter)
         )
+
+    def _learn_block_tokens(self) -> asyncio.Task[None]:
+        """The engines' metrics read once (their KV block size among them), for the first
+        requests routed before the watcher's first read; again at most every scrape interval
+        while no engine tells its block size."""
+        task = self._block_scrape
+        if task is None or (
+            task.done() and self._clock() - self._block_scraped_at > SCRAPE_INTERVAL
+        ):
+            self._block_scraped_at = self._clock()
+            task = self._block_scrape = asyncio.get_running_loop().create_task(self.scrape())
+        return task
+
+    def _tokenize_failed(self, engine: str, exc: BaseException) -> None:
+        self.tokenize_failures += 1
+        now = self._clock()
+        if now - self._tokenize_warned_at >= 60:
+            self._tokenize_warned_at = now
+            log.warning(
+                "engine %s gave no token ids (%s): requests are routed on their text's blocks "
+                "until an engine does (%d so far)", engine, exc or type(exc).__name__,
+                self.tokenize_failures,
+            )  # fmt: skip
 
     def _tokenizer(self, model: str) -> Upstream | None:
         """An engine of the model that can answer now, each in turn."""

@@ -87,7 +87,12 @@ async def models(request: Request, app: App) -> Response:
 async def engines(app: App) -> JSONResponse:
     views = app.engines.views()
     return JSONResponse(
-        {"policy": app.engines.policy, "engines": [view.as_dict() for view in views]}
+        {
+            "policy": app.engines.policy,
+            "kv_events": app.engines.kv_events,
+            "tokenize_failures": app.engines.tokenize_failures if app.engines.kv_events else None,
+            "engines": [view.as_dict() for view in views],
+        }
     )
 
 

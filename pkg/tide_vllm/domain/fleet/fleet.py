@@ -145,6 +145,9 @@ class Fleet:
         self.index = index or PrefixIndex()
         self.mirror = CacheMirror(self.index)
         self._block_tokens: dict[str, int] = {}  # model -> its engines' KV block size
+        # Precise mode: the index is keyed by the engines' own blocks (of block_tokens tokens),
+        # not by 64-byte blocks of text; each engine's table is sized accordingly.
+        self.precise = False
         self.gauge_max_age = gauge_max_age
         self._clock = clock
         self._engines: dict[str, Engine] = {}
@@ -279,7 +282,10 @@ class Fleet:
         if block_tokens:
             self._block_tokens.setdefault(engine.model, block_tokens)
         if cache_tokens is not None:
-            blocks = cache_tokens * BYTES_PER_TOKEN // BLOCK_BYTES
+            if self.precise:
+                blocks = cache_tokens // self.block_tokens(engine.model)
+            else:
+                blocks = cache_tokens * BYTES_PER_TOKEN // BLOCK_BYTES
             self.index.resize(engine.model, name, blocks)
 
     def cache_events(self, name: str, events: Iterable[CacheEvent]) -> None:
@@ -301,6 +307,9 @@ class Fleet:
         """The size, in tokens, of the KV blocks of `model`'s engines (from their metrics or
         events; vLLM's default until one said)."""
         return self._block_tokens.get(model, DEFAULT_BLOCK_TOKENS)
+
+    def knows_block_tokens(self, model: str) -> bool:
+        return model in self._block_tokens
 
     def admit(self, name: str) -> None:
         """The engine passed a health check. If its breaker is half-open, this was the trial
