@@ -20,6 +20,7 @@ Names (documented in the README):
 
 from __future__ import annotations
 
+import contextlib
 import os
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
@@ -214,6 +215,19 @@ class EngineCounts:
         children[0].dec()
         if failed:
             children[1].inc()
+
+    def removed(self, engine: str) -> None:
+        """The engine left the fleet (discovery no longer finds it) and its last request has
+        ended: its series go, rather than stay until a restart. (With several web workers,
+        each worker's values are kept in files and stay.)"""
+        for metric in (self.requests, self.errors, self.retries, self.in_flight):
+            with contextlib.suppress(KeyError):
+                metric.remove(engine)
+        for engine_, reason in [key for key in self._dispatch if key[0] == engine]:
+            del self._dispatch[(engine_, reason)]
+            with contextlib.suppress(KeyError):
+                self.decisions.remove(engine_, reason)
+        self._end.pop(engine, None)
 
 
 class _SharedCounts:

@@ -152,6 +152,8 @@ async def test_an_address_gone_takes_no_more_requests_while_its_request_in_fligh
     assert service.engines.received["10.0.0.5"] == 1
     provider = service.app.state.provider
     assert "pool-10-0-0-5" in provider.clients  # still in use
+    metrics = (await service.http.get("/metrics", headers=AUTH)).text
+    assert 'tide_vllm_engine_in_flight{engine="pool-10-0-0-5"} 1.0' in metrics
 
     service.engines.gate.set()
     assert await asyncio.wait_for(first, 5) == "10.0.0.5"
@@ -160,6 +162,9 @@ async def test_an_address_gone_takes_no_more_requests_while_its_request_in_fligh
             break
         await asyncio.sleep(0.01)
     assert "pool-10-0-0-5" not in provider.clients  # closed once its request had ended
+    metrics = (await service.http.get("/metrics", headers=AUTH)).text
+    assert 'engine="pool-10-0-0-5"' not in metrics  # its series went with it
+    assert 'tide_vllm_engine_requests_total{engine="pool-10-0-0-6"} 4.0' in metrics
 
     resolver.addresses = ["10.0.0.6", "10.0.0.7"]
     await service.look_again()

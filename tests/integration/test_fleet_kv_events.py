@@ -229,22 +229,31 @@ async def test_a_request_goes_to_the_engine_whose_cache_holds_its_prefix(make_pr
     assert sum(e.tokenized for e in fleet.engines.values()) == 2
 
 
-async def test_an_engine_that_evicted_a_prefix_no_longer_attracts_it(make_precise):
+async def test_a_conversation_follows_its_prefix_to_the_engine_that_holds_it_now(make_precise):
     fleet = await make_precise()
     home = await fleet.chat(conversation("tides", 1))
+    away = "r1" if home == "r0" else "r0"
     publisher = fleet.publisher(home)
     served = fleet.engines[home].served[-1]
     await fleet.until(lambda e: e[home]["cached_blocks"] == len(served) // BLOCK)
     # Still cached: the next turn follows it home.
     assert await fleet.chat(conversation("tides", 2)) == home
-    assert await fleet.decisions("affinity") == 1
-    # The engine evicts every block of the conversation (its cache was needed elsewhere).
+    # Home evicts the conversation (its cache was needed elsewhere), and no engine holds it:
+    # the next turn still goes where it was sent, so that its turns stay together.
     for ids in fleet.engines[home].served:
         publisher.removed(publisher.hashes(ids))
     await fleet.until(lambda e: e[home]["cached_blocks"] == 0)
-    await fleet.chat(conversation("tides", 3))
-    assert await fleet.decisions("affinity") == 1  # not followed home: nothing is there
-    assert await fleet.decisions("fallback") == 2
+    assert await fleet.chat(conversation("tides", 3)) == home
+    # Home evicts it again, and the other engine says it holds the conversation (another
+    # gateway sent it there): the next turn goes where the cache is.
+    for ids in fleet.engines[home].served:
+        publisher.removed(publisher.hashes(ids))
+    held = fleet.publisher(away).stored(token_ids(conversation("tides", 3)))
+    await fleet.until(
+        lambda e: e[home]["cached_blocks"] == 0 and e[away]["cached_blocks"] == len(held)
+    )
+    assert await fleet.chat(conversation("tides", 4)) == away
+    assert await fleet.decisions("affinity") == 3
 
 
 async def test_routing_goes_on_from_the_text_when_no_engine_gives_token_ids(make_precise):

@@ -5,6 +5,7 @@ each request's token ids, asked of an engine before the request is routed."""
 from __future__ import annotations
 
 import asyncio
+import importlib
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -67,11 +68,14 @@ def request(tokens: Sequence[int], lora: str | None = None) -> RequestFeatures:
 
 
 def two_engines() -> Fleet:
-    return Fleet([Engine("a", "m", admitted=True), Engine("b", "m", admitted=True)])
+    fleet = Fleet([Engine("a", "m", admitted=True), Engine("b", "m", admitted=True)])
+    fleet.precise = True
+    return fleet
 
 
 def matched(fleet: Fleet, tokens: Sequence[int], lora: str | None = None) -> dict[str, int]:
-    return fleet.index.match("m", request(tokens, lora).hashes)
+    """The leading blocks each engine holds, as its own events say."""
+    return fleet.cached.match("m", request(tokens, lora).hashes)
 
 
 # -- the names of a request's blocks
@@ -237,7 +241,7 @@ def test_the_names_kept_per_engine_are_bounded_the_oldest_dropped_first():
 @pytest.fixture(scope="module")
 def vllm_events() -> Any:
     """vLLM's own event classes (slow to import: the first use pays for it)."""
-    return pytest.importorskip("vllm.distributed.kv_events")
+    return importlib.import_module("vllm.distributed.kv_events")
 
 
 def vllm_stored(v: Any, **fields: Any) -> Any:

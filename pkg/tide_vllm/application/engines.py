@@ -13,7 +13,6 @@ discovery); one that leaves takes no new request, and those it has in flight fin
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import (
@@ -142,6 +141,8 @@ class RoutingObserver(Protocol):
 
     def ended(self, engine: str, failed: bool) -> None: ...
 
+    def removed(self, engine: str) -> None: ...
+
 
 class DrainStore(Protocol):
     """Where operators' drains are kept when several processes route (web workers)."""
@@ -159,6 +160,9 @@ class _Quiet:
         pass
 
     def ended(self, engine: str, failed: bool) -> None:
+        pass
+
+    def removed(self, engine: str) -> None:
         pass
 
 
@@ -365,10 +369,8 @@ class Engines:
                 return build()
         else:
             ids = tokens
-        if learning is not None:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(TOKENIZE_TIMEOUT):
-                    await asyncio.shield(learning)
+        if learning is not None:  # its failure is the scrape's to log, not the request's
+            await asyncio.wait({learning}, timeout=TOKENIZE_TIMEOUT)
         return RequestFeatures.of_tokens(
             ids, self.fleet.block_tokens(model), session_id=session_id, root=root_key(adapter)
         )
@@ -383,6 +385,7 @@ class Engines:
         ):
             self._block_scraped_at = self._clock()
             task = self._block_scrape = asyncio.get_running_loop().create_task(self.scrape())
+            task.add_done_callback(_quietly)
         return task
 
     def _tokenize_failed(self, engine: str, exc: BaseException) -> None:
@@ -644,6 +647,7 @@ class Engines:
                 if leaving.requests <= 0:
                     del self._leaving[id(attempt.upstream)]
                     leaving.done.set()
+                    self._gone(attempt.upstream.name)
 
     # -- engines joining and leaving -------------------------------------------------------
     def add(self, upstream: Upstream) -> None:
@@ -671,7 +675,15 @@ class Engines:
             self._drains.set(name, False)  # an engine found again later is a new one
         if engine.requests > 0:
             self._leaving[id(upstream)] = _Leaving(upstream, engine.requests)
+        else:
+            self._gone(name)
         return upstream
+
+    def _gone(self, name: str) -> None:
+        """A removed engine's last request has ended: unless an engine of the same name has
+        joined since, its per-engine metrics go."""
+        if name not in self.upstreams:
+            self.observer.removed(name)
 
     async def drained(self, upstream: Upstream) -> None:
         """Returns once no request is in flight on `upstream`, an engine removed."""
@@ -863,6 +875,12 @@ class Engines:
                 )
             elif isinstance(metrics, Exception):
                 log.debug("engine %s: metrics not read: %s", upstream.name, metrics)
+
+
+def _quietly(task: asyncio.Task[Any]) -> None:
+    """A background read's end: its error, if any, is logged rather than left unread."""
+    if not task.cancelled() and task.exception() is not None:
+        log.debug("engines' metrics not read: %s", task.exception())
 
 
 def _state_of(status: EngineStatus, draining: bool, breaker: str) -> str:

@@ -51,12 +51,15 @@ class DiscoverySettings:
     api_key: str | None = None
     health_interval: float = 5.0
     timeout: float | None = None
-    kv_events: str | None = None  # tcp://*:PORT: each engine's, * being its address
+    kv_events: str | None = None  # tcp://*:PORT: each engine's, * (or ::) being its address
 
     def kv_events_of(self, address: str) -> tuple[str, ...]:
         if self.kv_events is None:
             return ()
-        return (self.kv_events.replace("*", url_host(address), 1),)
+        head, _, port = self.kv_events.rpartition(":")
+        if head in ("tcp://*", "tcp://[::]", "tcp://::"):
+            return (f"tcp://{url_host(address)}:{port}",)
+        return (self.kv_events,)
 
 
 @dataclass(frozen=True)

@@ -198,8 +198,9 @@ class VLLMConfig(_Section):
     kv_events_endpoint: str | None = Field(
         None,
         description="With routing.kv_events: the ZeroMQ endpoint this vLLM publishes its "
-        "KV-cache events on. Auto-started: passed to vLLM (tcp://*:PORT binds every "
-        "interface), null = a socket file of its own (ipc://, under the pid file's folder). "
+        "KV-cache events on. Auto-started: passed to vLLM, which binds tcp://*:PORT (every "
+        "interface) or ipc://PATH, null = a socket file of its own (ipc://, under the pid "
+        "file's folder). "
         "External: where it publishes (tcp://HOST:PORT; * stands for host), null = none, "
         "and routing follows what the engine was sent.",
     )
@@ -259,11 +260,11 @@ class VLLMConfig(_Section):
         scheme, address, port = parse_kv_endpoint(endpoint)
         if scheme == "ipc":
             return (endpoint,)
-        if address in ("*", "::", "0.0.0.0", ""):
+        if address in (*BIND_ALL, "0.0.0.0"):
             address = host or self.connect_host
         if ":" in address and not address.startswith("["):
             address = f"[{address}]"
-        ranks = self.data_parallel_size if self.auto_start else 1
+        ranks = self.data_parallel_size
         return tuple(f"tcp://{address}:{port + rank}" for rank in range(ranks))
 
     @property
@@ -316,6 +317,9 @@ def parse_discover(url: str) -> tuple[str, int]:
 
 
 KV_ENDPOINT_EXAMPLE = "tcp://*:5557"
+# The tcp hosts vLLM's publisher binds rather than connects to: every interface. (It binds an
+# endpoint holding * or ::, and ipc:// ones; it connects to any other.)
+BIND_ALL = ("*", "::")
 IPC_PATH_MAX = 100  # a Unix socket's path has 108 bytes, ZeroMQ's ipc:// a few less
 
 
@@ -549,6 +553,14 @@ class Config(_Section):
                             f"longer than {IPC_PATH_MAX} bytes; set one (ipc://PATH or "
                             "tcp://*:PORT)",
                         ) from None
+                scheme, address, _ = parse_kv_endpoint(publish)
+                if scheme == "tcp" and address not in BIND_ALL:
+                    raise _fleet_error(
+                        key,
+                        f"vLLM publishes on an endpoint it binds: tcp://*:PORT (every "
+                        f"interface) or ipc://PATH; given {publish}, it would connect to a "
+                        "subscriber instead, and tide-vllm would read nothing",
+                    )
                 if engine.data_parallel_size > 1 and publish.startswith("ipc://"):
                     raise _fleet_error(
                         key,
@@ -593,8 +605,8 @@ class Config(_Section):
             fleet = list(self.engines)
         else:
             fleet = [EngineConfig(name=DEFAULT_ENGINE, **self.vllm.model_dump())]
-        for engine in fleet:
-            engine._kv_events = self.routing.kv_events
+        for engine in fleet:  # a fleet of one has nothing to route: its vLLM publishes none
+            engine._kv_events = self.routing.kv_events and self.engines is not None
         return fleet
 
 

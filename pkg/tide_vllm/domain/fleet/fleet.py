@@ -142,8 +142,12 @@ class Fleet:
     ) -> None:
         """`gauge_max_age`: scraped gauges older than this are ignored (3 scrape intervals)."""
         self.policy: RoutingPolicy = policy or PrefixAffinity()
-        self.index = index or PrefixIndex()
-        self.mirror = CacheMirror(self.index)
+        self.index = index or PrefixIndex()  # what each engine was sent
+        # What each engine's own KV-cache events say it holds (precise mode): a block it
+        # evicted leaves this index, not the other, which still says where a prefix was sent
+        # last, and so where to send it again when no engine holds it any more.
+        self.cached = PrefixIndex()
+        self.mirror = CacheMirror(self.cached)
         self._block_tokens: dict[str, int] = {}  # model -> its engines' KV block size
         # Precise mode: the index is keyed by the engines' own blocks (of block_tokens tokens),
         # not by 64-byte blocks of text; each engine's table is sized accordingly.
@@ -179,8 +183,7 @@ class Fleet:
         peers.remove(engine)
         if not peers:
             del self._by_model[engine.model]
-        self.index.forget(engine.model, name)
-        self.mirror.forget(name)
+        self._forget(engine)
         return engine
 
     def engine(self, name: str) -> Engine:
@@ -212,13 +215,24 @@ class Fleet:
         if not engines:
             raise NoEngineAvailable(model)
         matches = self.index.match(model, request.hashes)
+        cached = self.cached.match(model, request.hashes) if self.precise else {}
+        if cached:
+            matches = {e: max(n, cached.get(e, 0)) for e, n in matches.items()} | {
+                e: n for e, n in cached.items() if e not in matches
+            }
         candidates = tuple(
-            Candidate(e.name, e.load(now, self.gauge_max_age), matches.get(e.name, 0))
+            Candidate(
+                e.name,
+                e.load(now, self.gauge_max_age),
+                matches.get(e.name, 0),
+                cached.get(e.name, 0),
+            )
             for e in engines
         )
         sticky = self._sessions.get(request.session_id) if request.session_id else None
         choice = self.policy.choose(Query(model, candidates, request.total_blocks, sticky))
-        return Decision(model, choice.engine, choice.reason, request, matches.get(choice.engine, 0))
+        held = (cached if self.precise else matches).get(choice.engine, 0)
+        return Decision(model, choice.engine, choice.reason, request, held)
 
     def on_dispatch(self, decision: Decision, prompt_tokens: int | None = None) -> Ticket:
         """The request is being sent to the decided engine. `prompt_tokens`, when the gateway
@@ -299,9 +313,7 @@ class Fleet:
 
     def cache_restarted(self, name: str) -> None:
         """The engine's events start again from nothing (it restarted): so does its cache."""
-        engine = self.engine(name)
-        self.index.forget(engine.model, name)
-        self.mirror.forget(name)
+        self._forget(self.engine(name))
 
     def block_tokens(self, model: str) -> int:
         """The size, in tokens, of the KV blocks of `model`'s engines (from their metrics or
@@ -328,8 +340,13 @@ class Fleet:
         engine.breaker.failed(self._clock())
         if engine.admitted:
             engine.admitted = False
-            self.index.forget(engine.model, name)
-            self.mirror.forget(name)
+            self._forget(engine)
+
+    def _forget(self, engine: Engine) -> None:
+        """Whatever the engine was thought to hold: it restarted, or left."""
+        self.index.forget(engine.model, engine.name)
+        self.cached.forget(engine.model, engine.name)
+        self.mirror.forget(engine.name)
 
     def drain(self, name: str) -> None:
         """No new requests; those in flight finish."""

@@ -28,7 +28,8 @@ class BlockStored:
     `parent` the name of the block before the first one (None at the prompt's start), and
     `token_ids` the tokens of all of them, `block_size` a block. `lora_name` is the adapter
     the blocks were computed for; `extra_keys`, one per block, what else vLLM hashed into
-    them (images, a cache salt), which no plain request can match."""
+    them (the adapter's name again, images, a cache salt): blocks with more than the adapter
+    among them are named apart, as no plain request can match them."""
 
     hashes: tuple[Hashable, ...]
     parent: Hashable | None
@@ -100,13 +101,16 @@ class CacheMirror:
         extra = event.extra_keys
         for i, vllm_hash in enumerate(event.hashes):
             block = tuple(tokens[i * size : (i + 1) * size])
-            if not extra or extra[i] is None:
+            keys = extra[i] if extra and i < len(extra) else None
+            if keys and event.lora_name is not None and keys[0] == event.lora_name:
+                keys = keys[1:]  # the adapter, named in every block: the root says it already
+            if not keys:
                 previous = hash((previous, block))
             else:
                 try:
-                    previous = hash((previous, block, extra[i]))
+                    previous = hash((previous, block, keys))
                 except TypeError:  # a list among them
-                    previous = hash((previous, block, repr(extra[i])))
+                    previous = hash((previous, block, repr(keys)))
             names.pop(vllm_hash, None)  # re-inserted last: the most recent
             names[vllm_hash] = previous
             named.append(previous)

@@ -28,7 +28,8 @@ class Reason(str, Enum):
 class Candidate:
     name: str
     load: Load
-    matched: int = 0  # leading prompt blocks it is thought to hold
+    matched: int = 0  # leading prompt blocks it is thought to hold (or was sent)
+    cached: int = 0  # of those, the blocks its own KV-cache events say it holds (precise mode)
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +110,10 @@ class PrefixAffinity:
     1. the session's engine, if the request has one and it is not overloaded (sticky);
     2. among the engines with a good match, the longest match (the less loaded on a tie) that
        is not overloaded (affinity); a hot prefix thereby spreads over the engines the bound
-       sends it to, as each of them comes to hold it too;
+       sends it to, as each of them comes to hold it too. In precise mode, the blocks an
+       engine's own events say it holds come first; a match only by what an engine was sent
+       (its cache evicted the prefix, or has not reported it yet) still keeps a conversation
+       where it was, when no engine holds more of it;
     3. the least loaded engine: "load" if the good matches were all overloaded, else
        "fallback".
 
@@ -151,7 +155,7 @@ class PrefixAffinity:
         good = [c for c in candidates if c.matched and c.matched >= self.min_match * total]
         if not good:
             return Choice(least.name, Reason.FALLBACK)
-        good.sort(key=lambda c: (-c.matched, c.load.key))
+        good.sort(key=lambda c: (-c.cached, -c.matched, c.load.key))
         for c in good:
             if not self.overloaded(c, floor):
                 return Choice(c.name, Reason.AFFINITY)

@@ -146,6 +146,9 @@ class KVEventsReader:
             return
         previous = last.get(rank)
         if previous is not None and seq <= previous:
+            # A new vLLM process: every rank's sequence starts again, and the engine's cache
+            # is empty once, not once a rank.
+            last.clear()
             self._restarted(self.engine)
         elif previous is not None and seq > previous + 1:
             self.lost += seq - previous - 1
