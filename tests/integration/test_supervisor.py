@@ -8,8 +8,10 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -456,3 +458,20 @@ async def test_a_taken_web_port_is_refused_before_vllm_is_touched(tmp_path):
     finally:
         foreign.kill()
         foreign.wait()
+
+
+async def test_the_socket_file_of_a_stopped_engines_kv_events_is_removed(tmp_path):
+    # Routing's precise mode: vLLM binds an ipc:// endpoint to publish its KV-cache events, and
+    # a vLLM that is killed leaves the socket file behind, in the run folder of every engine.
+    socket_dir = Path(tempfile.mkdtemp(prefix="tide-kv-"))
+    try:
+        socket = socket_dir / "kv.sock"
+        manager, _ = make_manager(tmp_path, kv_events_endpoint=f"ipc://{socket}")
+        manager.config._kv_events = True  # as Config sets it with routing.kv_events
+        await manager.start()
+        await asyncio.wait_for(manager.wait_ready(), 20)
+        socket.touch()  # what a vLLM killed mid-way leaves
+        await manager.stop()
+        assert not socket.exists()
+    finally:
+        shutil.rmtree(socket_dir, ignore_errors=True)

@@ -657,6 +657,11 @@ class VLLMServerManager:
             self._lifeline = None
         with contextlib.suppress(OSError):
             self.config.pid_path.unlink()
+        endpoint = self.config.kv_events_publish
+        if endpoint is not None and endpoint.startswith("ipc://"):
+            # A killed vLLM leaves the socket file of its KV-cache events behind.
+            with contextlib.suppress(OSError):
+                Path(endpoint.removeprefix("ipc://")).unlink()
 
     @staticmethod
     def _signal_group(pgid: int, sig: signal.Signals) -> None:
