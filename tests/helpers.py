@@ -7,6 +7,8 @@ import socket
 import sys
 from pathlib import Path
 
+from tide_vllm.domain.chat.entity import EngineState, EngineStatus
+
 ROOT = Path(__file__).resolve().parent.parent
 MAIN = ROOT / "cmd" / "tide-vllm" / "main.py"
 FAKE_VLLM = ROOT / "tests" / "fakes" / "fake_vllm.py"
@@ -56,3 +58,19 @@ def command_line(pid: int) -> str:
             return f.read().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
+
+
+READY = EngineStatus(EngineState.READY, True, "healthy")
+
+
+class SettableMonitor:
+    """An engine's monitor whose status the test sets."""
+
+    def __init__(self, status: EngineStatus = READY) -> None:
+        self.status = status
+
+    def current(self) -> EngineStatus:
+        return self.status
+
+    async def check(self) -> EngineStatus:
+        return self.status

@@ -12,24 +12,13 @@ from typing import Any
 import httpx
 import pytest
 
-from tide_vllm.domain.chat.entity import EngineState, EngineStatus
+from tests.helpers import READY, SettableMonitor
 from tide_vllm.domain.chat.factory import ChatDefaults
 from tide_vllm.provider.provider import ProviderSettings
 from tide_vllm_cmd.app.options.plugin_web_handler import build_app
 
 MODEL = "Qwen2.5-7B-Instruct"
-READY = EngineStatus(EngineState.READY, True, "healthy")
-
-
-class SettableMonitor:
-    def __init__(self, status: EngineStatus = READY) -> None:
-        self.status = status
-
-    def current(self) -> EngineStatus:
-        return self.status
-
-    async def check(self) -> EngineStatus:
-        return self.status
+__all__ = ["READY", "SettableMonitor"]  # the in-process tests take them from here
 
 
 @dataclass

@@ -8,6 +8,7 @@ import asyncio
 
 import pytest
 
+from tests.helpers import READY, SettableMonitor
 from tide_vllm.application.engines import NO_FEATURES, Engines, Upstream
 from tide_vllm.domain.chat.entity import (
     EngineState,
@@ -17,24 +18,12 @@ from tide_vllm.domain.chat.entity import (
 )
 from tide_vllm.domain.fleet import UnknownEngine
 
-READY = EngineStatus(EngineState.READY, True, "healthy")
 UNCHECKED = EngineStatus(EngineState.EXTERNAL, False, "vLLM not checked yet")
 WHERE = "dns://pool.test:8000"
 
 
-class Monitor:
-    def __init__(self, status: EngineStatus = READY) -> None:
-        self.status = status
-
-    def current(self) -> EngineStatus:
-        return self.status
-
-    async def check(self) -> EngineStatus:
-        return self.status
-
-
 def upstream(name: str, model: str = "m", status: EngineStatus = READY) -> Upstream:
-    return Upstream(name, model, None, None, Monitor(status))  # type: ignore[arg-type]
+    return Upstream(name, model, None, None, SettableMonitor(status))  # type: ignore[arg-type]
 
 
 async def answer(u: Upstream) -> str:
@@ -147,7 +136,7 @@ def test_engines_need_an_engine_or_a_place_to_find_them():
 
 
 async def test_a_check_that_raises_leaves_the_engines_last_status():
-    class Closed(Monitor):
+    class Closed(SettableMonitor):
         async def check(self) -> EngineStatus:
             raise RuntimeError("Session is closed")  # its client closed as it left
 

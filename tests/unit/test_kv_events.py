@@ -13,6 +13,7 @@ import msgspec
 import pytest
 import zmq
 
+from tests.helpers import SettableMonitor
 from tide_vllm.application import engines as engines_module
 from tide_vllm.application.engines import (
     NO_FEATURES,
@@ -540,21 +541,9 @@ async def test_vllms_own_publisher_is_read(tmp_path, vllm_events):
 
 # -- the engines, in precise mode
 
-READY = EngineStatus(EngineState.READY, True, "healthy")
 IDS = list(range(1000, 1040))  # 40 tokens: 2 blocks of 16 and a tail
 MESSAGES = [{"role": "user", "content": "hello"}]
 TEXT = RequestFeatures.of_chat(MESSAGES)
-
-
-class Monitor:
-    def __init__(self, status: EngineStatus = READY) -> None:
-        self.status = status
-
-    def current(self) -> EngineStatus:
-        return self.status
-
-    async def check(self) -> EngineStatus:
-        return self.status
 
 
 class Tokenizer:
@@ -579,7 +568,7 @@ class Tokenizer:
 
 
 def upstream(name: str, chat: Tokenizer | None = None, model: str = "m") -> Upstream:
-    return Upstream(name, model, chat or Tokenizer(), None, Monitor())  # type: ignore[arg-type]
+    return Upstream(name, model, chat or Tokenizer(), None, SettableMonitor())  # type: ignore[arg-type]
 
 
 def precise(*chats: Tokenizer, **options: Any) -> Engines:
