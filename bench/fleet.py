@@ -31,6 +31,7 @@ import asyncio
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -396,6 +397,9 @@ def report(
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    # A SIGTERM (kill, a CI's timeout) ends the run as Ctrl-C does: through the `finally` that
+    # stops the replicas, rather than leaving them running in their own sessions.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     model_dir = args.model_dir or default_model_dir()
     if not (model_dir / "config.json").exists():
         raise SystemExit(f"fleet: no model in {model_dir}: run `make model` first")
