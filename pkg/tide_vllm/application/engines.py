@@ -838,6 +838,13 @@ class Engines:
         admits or ejects each as its status changes, and reads each ready engine's own metrics
         every `scrape_interval` (its queue and KV cache, for routing; a failed read leaves
         the last values to go stale)."""
+        try:
+            await self._watch(scrape_interval)
+        finally:  # the app stops: so does a read of the block size begun by a request
+            if self._block_scrape is not None:
+                self._block_scrape.cancel()
+
+    async def _watch(self, scrape_interval: float) -> None:
         scraped_at = -scrape_interval
         while True:
             now = self._clock()
