@@ -661,7 +661,7 @@ class VLLMServerManager:
         if endpoint is not None and endpoint.startswith("ipc://"):
             # A killed vLLM leaves the socket file of its KV-cache events behind.
             with contextlib.suppress(OSError):
-                Path(endpoint.removeprefix("ipc://")).unlink()
+                os.remove(endpoint.removeprefix("ipc://"))
 
     @staticmethod
     def _signal_group(pgid: int, sig: signal.Signals) -> None:
