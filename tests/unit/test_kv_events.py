@@ -22,7 +22,7 @@ from tide_vllm.application.engines import (
     chat_tokens_query,
     prompt_tokens_query,
 )
-from tide_vllm.domain.chat.entity import EngineFailed, EngineState, EngineStatus
+from tide_vllm.domain.chat.entity import EngineFailed, EngineRejected, EngineState, EngineStatus
 from tide_vllm.domain.fleet import Engine, Fleet, Reason, RequestFeatures, UnknownEngine
 from tide_vllm.domain.fleet.kv_events import (
     AllBlocksCleared,
@@ -632,6 +632,18 @@ async def test_a_tokenize_failure_falls_back_to_the_texts_blocks(failure, monkey
     engines = precise(a, b)
     got = await engines.features("m", build, tokens={"messages": MESSAGES})()  # type: ignore[operator]
     assert got is TEXT and len(asked(a, b)) == 1
+    assert engines.tokenize_failures == 1
+
+
+async def test_a_request_vllm_refuses_to_tokenize_is_routed_on_its_text_and_not_counted():
+    # A 400 is the request's own fault (vLLM says so again when it is run); a 401 is not.
+    refused = EngineRejected(400, "messages: a role is missing", "messages")
+    a, b = Tokenizer(error=refused), Tokenizer(error=refused)
+    engines = precise(a, b)
+    got = await engines.features("m", build, tokens={"messages": MESSAGES})()  # type: ignore[operator]
+    assert got is TEXT and engines.tokenize_failures == 0
+    a.error = b.error = EngineRejected(401, "wrong key")
+    await engines.features("m", build, tokens={"messages": MESSAGES})()  # type: ignore[operator]
     assert engines.tokenize_failures == 1
 
 

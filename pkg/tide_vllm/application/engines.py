@@ -365,7 +365,9 @@ class Engines:
                 async with asyncio.timeout(TOKENIZE_TIMEOUT):
                     ids: Sequence[int] = await upstream.chat.tokenize(query)
             except (ChatError, TimeoutError, NotImplementedError) as exc:
-                self._tokenize_failed(upstream.name, exc)
+                if not (isinstance(exc, EngineRejected) and exc.status in (400, 422)):
+                    self._tokenize_failed(upstream.name, exc)
+                # (a 400 is the request's own fault: vLLM will say so when it is run)
                 return build()
         else:
             ids = tokens
