@@ -647,6 +647,18 @@ async def test_a_request_vllm_refuses_to_tokenize_is_routed_on_its_text_and_not_
     assert engines.tokenize_failures == 1
 
 
+async def test_token_ids_are_asked_of_the_least_busy_engine_and_in_turn_among_equals():
+    a, b = Tokenizer(), Tokenizer()
+    engines = precise(a, b)
+    for _ in range(4):
+        await engines.features("m", build, tokens={"messages": MESSAGES})()  # type: ignore[operator]
+    assert len(a.asked) == len(b.asked) == 2
+    engines.fleet.engine("a").requests = 3  # a is busy
+    for _ in range(4):
+        await engines.features("m", build, tokens={"messages": MESSAGES})()  # type: ignore[operator]
+    assert len(a.asked) == 2 and len(b.asked) == 6
+
+
 async def test_no_engine_ready_to_tokenize_falls_back_to_the_text_without_asking():
     a, b = Tokenizer(), Tokenizer()
     engines = precise(a, b)

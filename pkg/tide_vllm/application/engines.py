@@ -402,7 +402,9 @@ class Engines:
             )  # fmt: skip
 
     def _tokenizer(self, model: str) -> Upstream | None:
-        """An engine of the model that can answer now, each in turn."""
+        """The engine of the model that can answer now with the fewest requests in flight
+        (each in turn among equals): a busy engine's API server shares its CPU with the
+        engine, and answers later."""
         ready = [
             u
             for u in self._by_model.get(model, ())
@@ -411,7 +413,11 @@ class Engines:
         if not ready:
             return None
         self._tokenizer_turn += 1
-        return ready[self._tokenizer_turn % len(ready)]
+        n, turn = len(ready), self._tokenizer_turn
+        return min(
+            enumerate(ready),
+            key=lambda iu: (self.fleet.engine(iu[1].name).requests, (iu[0] - turn) % n),
+        )[1]
 
     # -- running requests ------------------------------------------------------------------
     async def call(
