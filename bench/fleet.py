@@ -71,6 +71,7 @@ from fleet_report import (
     RequestResult,
     RunResult,
     delta,
+    routing_decisions,
     table,
     target_lines,
     targets,
@@ -286,13 +287,17 @@ def run_one(
                     deltas.append(None)
                 else:
                     deltas.append(delta(before[i], read_counters(client, replica)))
+            decisions = {}
+            if row.startswith("tide-"):  # why each request went where it went
+                decisions = routing_decisions(client.get(server.url + "/metrics").text)
     finally:
         stop_group(server)
     errors, first = count_errors(server.log)
     note = f"{errors} ERROR lines in its log, first: {first[:200]}" if errors else ""
     return RunResult(
-        row, workload.name, results, seconds, deltas, killed[0] if killed else None, note
-    )
+        row, workload.name, results, seconds, deltas, killed[0] if killed else None, note,
+        decisions,
+    )  # fmt: skip
 
 
 def warm_up(replicas: list[Server]) -> None:

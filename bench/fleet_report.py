@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from bench_sse import percentile
+from prometheus_client.parser import text_string_to_metric_families
 
 # vLLM's counters (prometheus_client adds `_total` to a counter's name in the text format).
 HITS = "vllm:prefix_cache_hits"
@@ -75,6 +76,19 @@ def counters(text: str) -> dict[str, float]:
     return out
 
 
+def routing_decisions(text: str) -> dict[str, float]:
+    """tide-vllm's `tide_vllm_routing_decisions_total{engine,reason}`, as "<engine> <reason>"."""
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != "tide_vllm_routing_decisions":
+            continue
+        for sample in family.samples:
+            if sample.name.endswith("_total"):
+                key = f"{sample.labels.get('engine')} {sample.labels.get('reason')}"
+                out[key] = out.get(key, 0.0) + sample.value
+    return out
+
+
 def delta(before: Mapping[str, float], after: Mapping[str, float]) -> dict[str, float]:
     return {name: after[name] - before.get(name, 0.0) for name in after}
 
@@ -127,6 +141,8 @@ class RunResult:
     deltas: list[dict[str, float] | None] = field(default_factory=list)  # None: replica gone
     killed: int | None = None  # the replica killed mid-run (kill variant)
     note: str = ""
+    # tide-vllm rows: its routing decisions, "<engine> <reason>" -> count, from its /metrics
+    decisions: dict[str, float] = field(default_factory=dict)
 
     @property
     def errors(self) -> int:
@@ -183,6 +199,7 @@ class RunResult:
             "deltas": self.deltas,
             "killed": self.killed,
             "note": self.note,
+            "decisions": self.decisions,
             "error_samples": sorted({r.error for r in self.requests if r.error})[:5],
         }
 

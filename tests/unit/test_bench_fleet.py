@@ -320,3 +320,16 @@ def test_the_socket_files_fall_back_to_a_short_folder(tmp_path: Path) -> None:
         assert len(str(folder / "kv-r1.sock").encode()) <= replicas_mod.IPC_PATH_MAX
     finally:
         folder.rmdir()
+
+
+def test_a_tide_rows_routing_decisions_are_read_from_its_metrics():
+    text = (
+        "# HELP tide_vllm_routing_decisions_total Routing decisions by engine and reason\n"
+        "# TYPE tide_vllm_routing_decisions_total counter\n"
+        'tide_vllm_routing_decisions_total{engine="r0",reason="affinity"} 40.0\n'
+        'tide_vllm_routing_decisions_total{engine="r1",reason="load"} 3.0\n'
+        'tide_vllm_routing_decisions_created{engine="r1",reason="load"} 1.7e9\n'
+        "# TYPE tide_vllm_engine_requests_total counter\n"
+        'tide_vllm_engine_requests_total{engine="r0"} 40.0\n'
+    )
+    assert report.routing_decisions(text) == {"r0 affinity": 40.0, "r1 load": 3.0}
