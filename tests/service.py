@@ -14,10 +14,24 @@ import yaml
 from tests.helpers import MAIN, PYTHON, alive, descendants
 
 
+def _pid_files_in(config: dict, tmp_dir: Path) -> None:
+    """Each engine's pid file (and, beside it, the socket file of its KV-cache events) in the
+    test's folder, unless the test chose one: a tide-vllm a test kills leaves them behind, and
+    they would pile up in ~/.cache/tide-vllm/run, one per free port."""
+    engines = config.get("engines")
+    if engines:
+        for entry in engines:
+            if isinstance(entry, dict) and "name" in entry:
+                entry.setdefault("pid_file", str(tmp_dir / f"vllm-{entry['name']}.pid"))
+    elif isinstance(config.get("vllm"), dict):
+        config["vllm"].setdefault("pid_file", str(tmp_dir / "vllm.pid"))
+
+
 class ServiceProcess:
     def __init__(self, config: dict, tmp_dir: Path, env: dict[str, str] | None = None) -> None:
         self.config = config
         tmp_dir.mkdir(parents=True, exist_ok=True)
+        _pid_files_in(config, tmp_dir)
         self.config_path = tmp_dir / "tide-vllm.yaml"
         self.config_path.write_text(yaml.safe_dump(config, allow_unicode=True))
         self.log_path = tmp_dir / "tide-vllm.log"
