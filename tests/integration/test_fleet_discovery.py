@@ -20,6 +20,7 @@ from tide_vllm.provider.provider import DiscoverySettings, ProviderSettings
 from tide_vllm_cmd.app.options.plugin_web_handler import build_app
 
 from .conftest import serving
+from .test_fleet_routing import completion
 
 MODEL = "Qwen2.5-7B-Instruct"
 NAME = "vllm-headless.default.svc.cluster.local"
@@ -55,22 +56,7 @@ class Engines:
         if address in self.held:
             await self.gate.wait()
         body = json.loads(request.content)
-        return httpx.Response(
-            200,
-            json={
-                "id": "chatcmpl-1",
-                "object": "chat.completion",
-                "model": body["model"],
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": address},
-                        "finish_reason": "stop",
-                    }
-                ],
-                "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6},
-            },
-        )
+        return httpx.Response(200, json=completion(body["model"], address))
 
 
 class Service:

@@ -17,7 +17,7 @@ from tide_vllm.domain.chat.factory import ChatDefaults, ChatFactory
 from tide_vllm.domain.chat.repository import EngineMonitor
 from tide_vllm.domain.fleet.kv_events import CacheEvent
 from tide_vllm.infrastructure.vllm.discovery import resolve
-from tide_vllm.infrastructure.vllm.kv_events import KVEventsReaders
+from tide_vllm.infrastructure.vllm.kv_events import KVEventsReaders, read_endpoints
 from tide_vllm.infrastructure.vllm.relay_repository import VLLMRelayRepository
 from tide_vllm.infrastructure.vllm.vllm_client import VLLMClient
 from tide_vllm.infrastructure.vllm.vllm_repository import VLLMChatRepository, VLLMEngineProbe
@@ -56,10 +56,7 @@ class DiscoverySettings:
     def kv_events_of(self, address: str) -> tuple[str, ...]:
         if self.kv_events is None:
             return ()
-        head, _, port = self.kv_events.rpartition(":")
-        if head in ("tcp://*", "tcp://[::]", "tcp://::"):
-            return (f"tcp://{url_host(address)}:{port}",)
-        return (self.kv_events,)
+        return read_endpoints(self.kv_events, address)
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from tide_vllm.infrastructure.vllm.kv_events import read_endpoints
+
 ENV_PREFIX = "TIDE_VLLM__"
 DEFAULT_ENGINE = "default"  # the name of the one engine of a configuration without `engines:`
 API_KEYS_ENV = "TIDE_VLLM_API_KEYS"
@@ -257,15 +259,7 @@ class VLLMConfig(_Section):
         endpoint = self.kv_events_publish
         if endpoint is None:
             return ()
-        scheme, address, port = parse_kv_endpoint(endpoint)
-        if scheme == "ipc":
-            return (endpoint,)
-        if address in (*BIND_ALL, "0.0.0.0"):
-            address = host or self.connect_host
-        if ":" in address and not address.startswith("["):
-            address = f"[{address}]"
-        ranks = self.data_parallel_size
-        return tuple(f"tcp://{address}:{port + rank}" for rank in range(ranks))
+        return read_endpoints(endpoint, host or self.connect_host, self.data_parallel_size)
 
     @property
     def connect_host(self) -> str:

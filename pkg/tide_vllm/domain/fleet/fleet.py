@@ -214,24 +214,20 @@ class Fleet:
         engines = [e for e in self.engines_of(model) if e.name not in exclude and e.routable(now)]
         if not engines:
             raise NoEngineAvailable(model)
-        matches = self.index.match(model, request.hashes)
+        sent = self.index.match(model, request.hashes)
         cached = self.cached.match(model, request.hashes) if self.precise else {}
-        if cached:
-            matches = {e: max(n, cached.get(e, 0)) for e, n in matches.items()} | {
-                e: n for e, n in cached.items() if e not in matches
-            }
         candidates = tuple(
             Candidate(
                 e.name,
                 e.load(now, self.gauge_max_age),
-                matches.get(e.name, 0),
+                max(sent.get(e.name, 0), cached.get(e.name, 0)),
                 cached.get(e.name, 0),
             )
             for e in engines
         )
         sticky = self._sessions.get(request.session_id) if request.session_id else None
         choice = self.policy.choose(Query(model, candidates, request.total_blocks, sticky))
-        held = (cached if self.precise else matches).get(choice.engine, 0)
+        held = (cached if self.precise else sent).get(choice.engine, 0)
         return Decision(model, choice.engine, choice.reason, request, held)
 
     def on_dispatch(self, decision: Decision, prompt_tokens: int | None = None) -> Ticket:

@@ -34,6 +34,25 @@ DEVICE_MEDIA = (None, "GPU")
 
 _decoder = msgspec.msgpack.Decoder()
 
+# The tcp hosts of an endpoint bound on every interface, which a reader reaches at the
+# engine's own address.
+EVERY_INTERFACE = ("*", "::", "0.0.0.0", "")
+
+
+def read_endpoints(endpoint: str, host: str, ranks: int = 1) -> tuple[str, ...]:
+    """Where to read an engine that publishes on `endpoint` (ipc://PATH or tcp://HOST:PORT):
+    an ipc:// one where it is; a tcp one bound on every interface at the engine's `host`; one
+    port a data-parallel rank, counted from the endpoint's (vLLM offsets it by the rank)."""
+    if endpoint.startswith("ipc://"):
+        return (endpoint,)
+    address, _, port = endpoint.removeprefix("tcp://").rpartition(":")
+    address = address.strip("[]")
+    if address in EVERY_INTERFACE:
+        address = host
+    if ":" in address:
+        address = f"[{address}]"
+    return tuple(f"tcp://{address}:{int(port) + rank}" for rank in range(ranks))
+
 
 def decode_batch(payload: bytes) -> tuple[int, list[CacheEvent]]:
     """The data-parallel rank and the events of one published batch; ValueError if it is not
