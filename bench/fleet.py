@@ -352,6 +352,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="the demo model's folder (`make model`; default: $TIDE_VLLM_MODEL_DIR "
         "or ~/.cache/tide-vllm/models/SmolLM2-135M-Instruct)",
     )
+    parser.add_argument(
+        "--float32-eager",
+        action="store_true",
+        help="serve the demo model as tide-vllm's CPU profile does (float32, eager mode) "
+        "instead of in its own dtype (bfloat16), compiled: slower replicas, saturated cores",
+    )
     parser.add_argument("--results", type=Path, default=RESULTS, help="where the report goes")
     args = parser.parse_args(argv)
     rows = QUICK_ROWS if args.quick else ROWS
@@ -428,13 +434,16 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="tide-fleet-") as tmp:
         workdir = Path(tmp)
         print(f"fleet: starting 2 replicas of {model_dir.name} on CPUs {cpus[:2]} …", flush=True)
-        replicas = start_replicas(model_dir, MODEL_NAME, cpus[:2], workdir)
+        replicas = start_replicas(
+            model_dir, MODEL_NAME, cpus[:2], workdir, float32_eager=args.float32_eager
+        )
         try:
             warm_up(replicas)
             tokens = prompt_tokens(replicas[0], workloads[0])
             info["replicas"] = (
                 f"2 × {MODEL_NAME}, CPUs {cpus[:2]}, 48 KV blocks (6,144 "
-                "tokens), max-num-seqs 16, prefix caching"
+                "tokens), max-num-seqs 16, prefix caching, "
+                + ("float32, eager" if args.float32_eager else "the model's dtype, compiled")
             )
             info["workloads"] = (
                 "; ".join(

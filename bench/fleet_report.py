@@ -201,7 +201,27 @@ class RunResult:
             "note": self.note,
             "decisions": self.decisions,
             "error_samples": sorted({r.error for r in self.requests if r.error})[:5],
+            "turns": self.turns(),
         }
+
+    def turns(self) -> list[dict[str, object]]:
+        """Each request on its own, in the order sent, times in seconds from the run's first:
+        what the percentiles hide (which turns make the tail)."""
+        if not self.requests:
+            return []
+        origin = min(r.sent for r in self.requests)
+        return [
+            {
+                "user": r.user_id,
+                "turn": r.turn,
+                "sent": round(r.sent - origin, 3),
+                "ttft": None if r.ttft is None else round(r.ttft, 3),
+                "latency": None if r.done is None else round(r.done - r.sent, 3),
+                "prompt_tokens": r.prompt_tokens,
+                "error": r.error,
+            }
+            for r in sorted(self.requests, key=lambda r: r.sent)
+        ]
 
 
 # -- the report ---------------------------------------------------------------------------------

@@ -147,6 +147,18 @@ def test_errors_are_split_by_whether_streaming_had_started() -> None:
     assert result.req_per_s == pytest.approx(0.1)
 
 
+def test_each_turn_is_in_the_json_in_the_order_sent() -> None:
+    late = report.RequestResult("u1", 2, 12.5, 13.0, 14.0, True, None, prompt_tokens=40)
+    first = report.RequestResult("u0", 0, 10.0, None, None, False, "refused")
+    turns = report.RunResult("tide-prefix", "w", [late, first], 5.0).as_json()["turns"]
+    assert turns == [
+        {"user": "u0", "turn": 0, "sent": 0.0, "ttft": None, "latency": None,
+         "prompt_tokens": None, "error": "refused"},
+        {"user": "u1", "turn": 2, "sent": 2.5, "ttft": 0.5, "latency": 1.5,
+         "prompt_tokens": 40, "error": None},
+    ]  # fmt: skip
+
+
 def test_a_killed_replica_leaves_no_hit_rate_or_shares() -> None:
     result = run("tide-prefix-kill", 0.5, [0.1], killed=1)
     result.deltas[1] = None
@@ -296,6 +308,20 @@ def test_tide_config_in_precise_mode_reads_each_replicas_events(tmp_path: Path) 
         assert engine.auto_start is False
         assert engine.kv_events_endpoint == endpoint
         assert engine.kv_events_subscribe() == (endpoint,)
+
+
+# -- how the replicas serve the model -----------------------------------------------------------
+def test_replicas_serve_the_model_in_its_own_dtype_unless_asked_for_float32_eager() -> None:
+    default = replicas_mod.replica_command(Path("/m"), "M", 8000, 1)
+    assert "--dtype" not in default and "--enforce-eager" not in default
+    slow = replicas_mod.replica_command(Path("/m"), "M", 8000, 1, float32_eager=True)
+    assert slow[slow.index("--dtype") + 1] == "float32"
+    assert "--enforce-eager" in slow
+
+
+def test_float32_eager_is_an_option_of_the_command_line() -> None:
+    assert fleet.parse_args(["--float32-eager"]).float32_eager is True
+    assert fleet.parse_args([]).float32_eager is False
 
 
 # -- the replicas' KV-cache events --------------------------------------------------------------
