@@ -18,6 +18,8 @@ from typing import Any
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from tide_vllm.application.engines import ROUTED
+
 from .metrics import Metrics
 
 ACCESS_LOGGER = "tide_vllm.access"
@@ -27,7 +29,9 @@ access_log = logging.getLogger(ACCESS_LOGGER)
 class AccessLine:
     """One request's access line: its text and, for JSON logs, its fields."""
 
-    __slots__ = ("method", "path", "status", "took", "shape", "model", "prompt", "completion")
+    __slots__ = (
+        "method", "path", "status", "took", "shape", "model", "prompt", "completion", "routed"
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -39,20 +43,31 @@ class AccessLine:
         model: str | None,
         prompt: int | None,
         completion: int | None,
+        routed: Sequence[tuple[str, str]] = (),
     ) -> None:
+        """`routed`: the engines of a fleet the request was sent to, in order, each with why
+        (a second one when the first could not run it)."""
         self.method, self.path, self.status, self.took = method, path, status, took
         self.shape, self.model, self.prompt, self.completion = shape, model, prompt, completion
+        self.routed = routed
 
     def message(self) -> str:
-        return (
+        text = (
             f"{self.method} {self.path} {self.status} {self.took * 1000:.1f}ms "
             f"shape={self.shape} model={self.model or '-'} "
             f"prompt_tokens={'-' if self.prompt is None else self.prompt} "
             f"completion_tokens={'-' if self.completion is None else self.completion}"
         )
+        if not self.routed:
+            return text
+        engine, reason = self.routed[-1]
+        text += f" engine={engine} routing={reason}"
+        if len(self.routed) > 1:
+            text += f" tried={','.join(e for e, _ in self.routed[:-1])}"
+        return text
 
     def fields(self) -> dict[str, Any]:
-        return {
+        fields = {
             "method": self.method,
             "path": self.path,
             "status": self.status,
@@ -62,6 +77,10 @@ class AccessLine:
             "prompt_tokens": self.prompt,
             "completion_tokens": self.completion,
         }
+        if self.routed:
+            fields["engine"], fields["routing"] = self.routed[-1]
+            fields["tried"] = [e for e, _ in self.routed[:-1]]
+        return fields
 
 
 AccessWriter = Callable[[AccessLine], None]
@@ -233,7 +252,9 @@ class GatewayMiddleware:
         state["request_id"] = request_id
         state["started"] = started
         state["headers"] = headers
+        state["routed"] = routed = []
         token = REQUEST_ID.set(request_id)
+        routed_token = ROUTED.set(routed)
         # The chat and relay endpoints add the id, take a slot and note the status themselves.
         if path in CHAT_PATHS:
             endpoint: ASGIApp | None = self.chat
@@ -287,6 +308,7 @@ class GatewayMiddleware:
         finally:
             self._account(scope, state, status, time.perf_counter() - started)
             REQUEST_ID.reset(token)
+            ROUTED.reset(routed_token)
 
     def _refusal(
         self, scope: Scope, path: str, headers: dict[bytes, bytes]
@@ -324,8 +346,9 @@ class GatewayMiddleware:
             return
         prompt, completion = usage if usage else (None, None)
         line = AccessLine(
-            scope["method"], path, status, took, shape, state.get("model"), prompt, completion
-        )
+            scope["method"], path, status, took, shape, state.get("model"), prompt, completion,
+            state.get("routed", ()),
+        )  # fmt: skip
         if ACCESS.writer is not None:
             ACCESS.writer(line)
             return

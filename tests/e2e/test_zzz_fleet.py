@@ -95,6 +95,9 @@ def test_a_conversation_is_answered_and_survives_the_death_of_its_replica(fleet)
     dispatched = {e["name"]: e["dispatched"] for e in engines(fleet)}
     home = max(dispatched, key=lambda name: dispatched[name])
     assert dispatched[home] == 3, f"the conversation's turns were spread: {dispatched}"
+    # Each turn's access line names the replica that answered it.
+    turns = [x for x in fleet.log().splitlines() if "POST /v1/chat/completions 200" in x]
+    assert len(turns) == 3 and all(f" engine={home} routing=" in x for x in turns), turns
     # The replica's own events say it holds the conversation's blocks; the other holds none.
     deadline = time.monotonic() + 10
     while not (listing := {e["name"]: e for e in engines(fleet)})[home]["cached_blocks"]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -331,6 +332,27 @@ async def test_an_engine_that_refuses_a_request_is_replaced_once(make_fleet, fai
         assert "r1" in r.text
     assert fleet.counts()["r1"] == 4
     assert await fleet.metric("tide_vllm_engine_retries_total", engine="r0") >= 2
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+async def test_the_access_line_names_the_engine_that_answered_and_the_one_tried(
+    make_fleet, caplog, stream
+):
+    fleet = await make_fleet(two(), policy="round_robin")
+    fleet["r0"].behaviour = refuse
+    caplog.set_level(logging.INFO, logger="tide_vllm.access")
+    for _ in range(2):  # one of the two starts on r0, whichever turn the rotation is at
+        r = await fleet.chat([{"role": "user", "content": "hi"}], stream=stream)
+        assert r.status_code == 200
+    r = await fleet.http.post("/v1/completions", json={"model": MODEL, "prompt": "hi"})
+    assert r.status_code == 200
+    lines = [x for x in caplog.records if x.name == "tide_vllm.access"]
+    chats = [x for x in lines if x.path == "/v1/chat/completions"]
+    assert {(x.engine, x.routing) for x in chats} == {("r1", "round_robin")}
+    assert ["r0"] in [x.tried for x in chats]
+    assert any(x.getMessage().endswith("engine=r1 routing=round_robin tried=r0") for x in chats)
+    relayed = [x for x in lines if x.path == "/v1/completions"]
+    assert [x.engine for x in relayed] == ["r1"]  # the relay names its engine too
 
 
 async def test_a_stream_lost_before_its_first_event_is_replaced_once(make_fleet):

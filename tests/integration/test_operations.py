@@ -308,6 +308,7 @@ def test_json_logs_one_object_per_line_with_an_access_line(tmp_path, upstream):
         "completion_tokens": 5,
         "duration_ms": 0,
     }
+    assert "engine" not in mine[0], "one engine: nothing was chosen"
     assert any(x["status"] == 401 for x in access)
     text = service.log()
     assert "my private question" not in text, "prompts are logged only when asked"

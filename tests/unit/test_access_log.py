@@ -20,7 +20,12 @@ from web.gateway import ACCESS_LOGGER, REQUEST_ID, AccessLine
 LINES = [
     AccessLine("POST", "/v1/chat/completions", 200, 0.01234, "openai", "m", 9, 8),
     AccessLine("POST", "/chat/completions", 415, 0.0004, "tide", None, None, None),
+    AccessLine("POST", "/v1/completions", 200, 0.2, "openai", "m", 3, 2, [("r0", "affinity")]),
 ]
+RETRIED = AccessLine(
+    "POST", "/v1/chat/completions", 200, 0.5, "openai", "m", 9, 8,
+    [("r0", "sticky"), ("r1", "load")],
+)  # fmt: skip
 STAMP = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ")
 
 
@@ -68,3 +73,19 @@ def test_json_lines_match(line):
     assert got.pop("time") and expected.pop("time")
     assert got == expected
     assert got["request_id"] == "req-8" and got["status"] == line.status
+
+
+def test_a_fleets_line_names_the_engine_that_answered_and_the_one_tried_before():
+    assert RETRIED.message().endswith(" engine=r1 routing=load tried=r0")
+    assert {k: RETRIED.fields()[k] for k in ("engine", "routing", "tried")} == {
+        "engine": "r1",
+        "routing": "load",
+        "tried": ["r0"],
+    }
+    assert LINES[2].message().endswith(" engine=r0 routing=affinity")
+    assert LINES[2].fields()["tried"] == []
+
+
+def test_a_single_engines_line_has_no_engine():
+    assert "engine=" not in LINES[0].message()
+    assert "engine" not in LINES[0].fields()

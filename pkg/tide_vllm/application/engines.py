@@ -13,6 +13,7 @@ discovery); one that leaves takes no new request, and those it has in flight fin
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from collections.abc import (
@@ -71,6 +72,14 @@ WATCH_TICK = 1.0
 # How long a request may wait for its token ids (precise mode) before it is routed on its
 # text instead: the engine's API server answers in milliseconds unless it is in trouble.
 TOKENIZE_TIMEOUT = 2.0
+
+# Where the current request was sent, in order, with why: (engine, reason), two when it was
+# retried. The edge sets a list of its own here for each request (its access line names the
+# engine); a fleet of one adds nothing, having nothing to choose. A list, not a value, so
+# that a choice made in a task of the request's (which runs in a copy of its context) is seen.
+ROUTED: contextvars.ContextVar[list[tuple[str, str]] | None] = contextvars.ContextVar(
+    "tide_vllm_routed", default=None
+)
 
 # A request's routing features, or, in precise mode, how to get them (its token ids are asked
 # of an engine first).
@@ -582,6 +591,8 @@ class Engines:
                 decision = self._fallback(model, features, exclude)
         ticket = self.fleet.on_dispatch(decision)
         self.observer.dispatched(decision.engine, decision.reason.value)
+        if self.single is None and (routed := ROUTED.get()) is not None:
+            routed.append((decision.engine, decision.reason.value))
         return _Attempt(self.upstreams[decision.engine], ticket)
 
     def _fallback(

@@ -25,6 +25,9 @@ _EXTRA_FIELDS = (
     "model",
     "prompt_tokens",
     "completion_tokens",
+    "engine",  # in a fleet: the engine that answered, why it was chosen, those tried before
+    "routing",
+    "tried",
 )
 
 
