@@ -114,6 +114,7 @@ class PreciseFleet:
     engines: dict[str, CachingEngine]
     http: httpx.AsyncClient
     app: Any
+    workers: list[PreciseFleet] = field(default_factory=list)  # all the apps made, this first
 
     def publisher(self, name: str) -> Publisher:
         publisher = self.engines[name].publisher
@@ -165,7 +166,7 @@ def socket_dir() -> Iterator[str]:
 async def make_precise(socket_dir: str) -> AsyncIterator[Callable[..., Awaitable[PreciseFleet]]]:
     async with contextlib.AsyncExitStack() as opened:
 
-        async def make(announce: bool = True) -> PreciseFleet:
+        async def make(announce: bool = True, workers: int = 1) -> PreciseFleet:
             engines = {name: CachingEngine(name, MODEL) for name in ("r0", "r1")}
             endpoints = {name: f"ipc://{socket_dir}/{name}.sock" for name in engines}
             for name, engine in engines.items():
@@ -187,24 +188,28 @@ async def make_precise(socket_dir: str) -> AsyncIterator[Callable[..., Awaitable
                 ),
                 kv_events=True,
             )
-            app = build_app(
-                settings,
-                transport=httpx.MockTransport(route),
-                monitors={name: e.monitor for name, e in engines.items()},
-            )
-            http = await opened.enter_async_context(serving(app, timeout=10))
-            fleet = PreciseFleet(engines, http, app)
+            fleets = []
+            for _ in range(workers):  # each a web worker of its own: its own app, one process
+                app = build_app(
+                    settings,
+                    transport=httpx.MockTransport(route),
+                    monitors={name: e.monitor for name, e in engines.items()},
+                )
+                http = await opened.enter_async_context(serving(app, timeout=10))
+                fleets.append(PreciseFleet(engines, http, app))
             # ZeroMQ's subscriptions take a moment to reach the publisher: say nothing of
-            # consequence until each engine's reader has read something.
+            # consequence until each engine's readers have read something.
             deadline = time.monotonic() + 10
-            while not all(e["kv_event_batches"] for e in (await fleet.listing()).values()):
-                assert time.monotonic() < deadline, "the events' readers never connected"
-                for name in engines:
-                    fleet.publisher(name).send({"type": "AllBlocksCleared"})
-                await asyncio.sleep(0.05)
+            for fleet in fleets:
+                while not all(e["kv_event_batches"] for e in (await fleet.listing()).values()):
+                    assert time.monotonic() < deadline, "the events' readers never connected"
+                    for name in engines:
+                        fleet.publisher(name).send({"type": "AllBlocksCleared"})
+                    await asyncio.sleep(0.05)
             for engine in engines.values():
                 engine.announce = announce
-            return fleet
+            fleets[0].workers = fleets
+            return fleets[0]
 
         yield make
 
@@ -254,6 +259,24 @@ async def test_a_conversation_follows_its_prefix_to_the_engine_that_holds_it_now
     )
     assert await fleet.chat(conversation("tides", 4)) == away
     assert await fleet.decisions("affinity") == 3
+
+
+async def test_web_workers_keep_a_conversation_on_one_engine_by_its_events(make_precise):
+    first, second = (await make_precise(workers=2)).workers
+    # The second worker has placed a conversation of its own, so that, knowing nothing of the
+    # first's, it would send the first turn it sees of "tides" to the other engine in turn.
+    await second.chat(conversation("jazz", 1))
+    turns = 6
+    homes = []
+    for turn in range(1, turns + 1):
+        worker = first if turn % 2 else second  # each turn reaches the other worker
+        homes.append(await worker.chat(conversation("tides", turn)))
+        home = homes[-1]
+        served = len(first.engines[home].served[-1]) // BLOCK
+        await first.until(lambda e, home=home, n=served: e[home]["cached_blocks"] >= n)
+        await second.until(lambda e, home=home, n=served: e[home]["cached_blocks"] >= n)
+    assert len(set(homes)) == 1, homes
+    assert await second.decisions("affinity") == turns // 2  # its turns, by the events
 
 
 async def test_routing_goes_on_from_the_text_when_no_engine_gives_token_ids(make_precise):
