@@ -35,10 +35,11 @@ from litellm_proxy import stop_group
 VLLM_SERVER_MODULE = "vllm.entrypoints.launchers.api_server.entry"  # as tide-vllm launches it
 KV_BLOCKS = 48
 MAX_NUM_SEQS = 16
-# max-model-len must fit the small KV cache. Otherwise vLLM's defaults, as the set-up:
-# the model's own dtype (bfloat16) and compiled graphs. FLOAT32_EAGER is how tide-vllm's CPU
+# max-model-len must fit the small KV cache; otherwise vLLM's defaults: the model's own dtype
+# (bfloat16) and compiled graphs. FLOAT32_EAGER is how tide-vllm's CPU
 # profile (conf/tide-vllm.cpu.yaml) serves the demo model for the tests, the same arithmetic on
-# every x86-64 CPU: about a third slower here, and the cores saturate (`--float32-eager`).
+# every x86-64 CPU: slower here (TTFT about 1.5 x, a fifth fewer requests/s; the cores
+# saturate), with `--float32-eager`.
 FLAGS = ["--max-model-len", "4096"]
 FLOAT32_EAGER = ["--dtype", "float32", "--enforce-eager"]
 START_TIMEOUT = 900.0  # s; two replicas start together on two busy cores
