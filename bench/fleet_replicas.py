@@ -36,10 +36,9 @@ VLLM_SERVER_MODULE = "vllm.entrypoints.launchers.api_server.entry"  # as tide-vl
 KV_BLOCKS = 48
 MAX_NUM_SEQS = 16
 # max-model-len must fit the small KV cache; otherwise vLLM's defaults: the model's own dtype
-# (bfloat16) and compiled graphs. FLOAT32_EAGER is how tide-vllm's CPU
+# (bfloat16) and compiled graphs. FLOAT32_EAGER (`--float32-eager`) is how tide-vllm's CPU
 # profile (conf/tide-vllm.cpu.yaml) serves the demo model for the tests, the same arithmetic on
-# every x86-64 CPU: slower here (TTFT about 1.5 x, a fifth fewer requests/s; the cores
-# saturate), with `--float32-eager`.
+# every x86-64 CPU: slower here (TTFT about 1.5 x, a fifth fewer requests/s; cores saturated).
 FLAGS = ["--max-model-len", "4096"]
 FLOAT32_EAGER = ["--dtype", "float32", "--enforce-eager"]
 START_TIMEOUT = 900.0  # s; two replicas start together on two busy cores
