@@ -314,3 +314,32 @@ async def test_the_vllm_plugin_leaves_an_entry_that_discovers_to_the_web_layer(t
         assert list(ctx.engines) == ["off"] and list(ctx.engine_configs) == ["off"]
     finally:
         await plugin.stop(ctx)
+
+
+@pytest.mark.parametrize(
+    ("workers", "policy", "kv_events", "warned"),
+    [
+        (2, "prefix", False, True),
+        (2, "prefix", True, False),  # every worker reads the engines' events
+        (1, "prefix", False, False),
+        (2, "least_load", False, False),  # nothing remembered to lose
+    ],
+)
+def test_several_workers_routing_by_what_each_sent_are_warned_of(
+    tmp_path, workers, policy, kv_events, warned
+):
+    config = {
+        **TWO_GPUS,
+        "engines": TWO_GPUS["engines"][:2],
+        "routing": {"policy": policy, "kv_events": kv_events},
+        "web": {"workers": workers},
+    }
+    caveat = load(tmp_path, config).workers_routing_caveat()
+    assert (caveat is not None) == warned
+    if warned:
+        assert "web.workers is 2" in caveat and "routing.kv_events: true" in caveat
+
+
+def test_one_engine_and_several_workers_is_not_warned_of(tmp_path):
+    config = {"vllm": TWO_GPUS["vllm"], "web": {"workers": 2}}
+    assert load(tmp_path, config).workers_routing_caveat() is None

@@ -592,6 +592,23 @@ class Config(_Section):
                     )
         return self
 
+    def workers_routing_caveat(self) -> str | None:
+        """What a start-up warning says when several web workers route a fleet by prefix on
+        what each has sent alone (None when nothing is to be said)."""
+        routed = self.engines is not None and (
+            len(self.engines) > 1 or any(e.discover for e in self.engines)
+        )
+        if not routed or self.web.workers < 2 or self.routing.policy != "prefix":
+            return None
+        if self.routing.kv_events:
+            return None
+        return (
+            f"web.workers is {self.web.workers}: each worker routes on what it has sent itself, "
+            "so the turns of a conversation that reach different workers may go to different "
+            "engines (and miss their cached prefix); routing.kv_events: true lets every worker "
+            "see what each engine caches"
+        )
+
     def fleet(self) -> list[EngineConfig]:
         """The effective settings of every engine: the entries of `engines:`, or the `vllm:`
         section alone, named `default`."""

@@ -377,6 +377,9 @@ class WebHandlerPlugin:
             raise RuntimeError(
                 f"web.bind_address.port {web.bind_address.port} is already in use by {taken}"
             )
+        caveat = config.workers_routing_caveat()
+        if caveat:
+            log.warning(caveat)
         if web.workers > 1:
             self.pool = WorkerPool(config, ctx.upstream_api_key, ctx.engines, ctx.engine_configs)
             self.pool.start()
