@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import re
 import time
 from collections.abc import (
     AsyncIterator,
@@ -516,10 +517,19 @@ class Engines:
             self._end(attempt, outcome)
             await items.aclose()  # type: ignore[attr-defined]
 
-    async def relay(self, model: str, features: Features, request: RelayRequest) -> RelayAnswer:
+    async def relay(
+        self,
+        model: str,
+        features: Features,
+        request: RelayRequest,
+        *,
+        creates_response: bool = False,
+    ) -> RelayAnswer:
         """The engine's answer to a relayed request, its head in; a 503 answer is replaced by
         another engine's once, when the model has another that can take it. The answer's end
-        (read, or closed) ends the engine's ticket."""
+        (read, or closed) ends the engine's ticket. `creates_response`: the request creates
+        a response of vLLM's Responses API, whose id the answer tells: the engine is noted as
+        the one that stored it."""
         if not isinstance(features, RequestFeatures):
             features = await features()
         attempt = self._select(model, features)
@@ -529,20 +539,89 @@ class Engines:
             if not _retriable(exc):
                 raise
             attempt = self._retry(model, features, attempt, exc)
-            return _TrackedAnswer(await self._open(attempt, request), self, attempt)
+            answer = await self._open(attempt, request)
+            return _TrackedAnswer(answer, self, attempt, creates_response)
         if answer.status != 503:
-            return _TrackedAnswer(answer, self, attempt)
+            return _TrackedAnswer(answer, self, attempt, creates_response)
         try:
             retry = self._select(model, features, exclude={attempt.upstream.name})
         except EngineUnavailable:
-            return _TrackedAnswer(answer, self, attempt)  # no other engine: vLLM's 503 it is
+            # no other engine: vLLM's 503 it is
+            return _TrackedAnswer(answer, self, attempt, creates_response)
         await answer.aclose()
         self._end(attempt, Outcome.FAILED)
         self.observer.retried(attempt.upstream.name)
         log.warning(
             "engine %s answered 503; trying engine %s", attempt.upstream.name, retry.upstream.name
         )
-        return _TrackedAnswer(await self._open(retry, request), self, retry)
+        answer = await self._open(retry, request)
+        return _TrackedAnswer(answer, self, retry, creates_response)
+
+    async def relay_stored(
+        self,
+        model: str | None,
+        response_id: str,
+        request: RelayRequest,
+        *,
+        creates_response: bool = False,
+    ) -> RelayAnswer:
+        """The answer to a request about a stored response of vLLM's Responses API (retrieve
+        it, cancel it, or continue from it with `previous_response_id`): vLLM keeps a
+        response in the memory of the engine that made it, and only that engine knows it.
+        It goes to the engine this gateway saw make it; to each other engine (of `model`,
+        or of any model) in turn, the least busy first, while they answer 404, not knowing
+        it (another worker or gateway made it, or this one restarted since); the engine
+        that knows it is then remembered. An engine that cannot be reached is passed over
+        the same way; one that is draining is asked too (only it has what it stored). The
+        last answer is the caller's."""
+        order = self._stored_order(model, response_id)
+        for i, name in enumerate(order):
+            last = i == len(order) - 1
+            engine = self.fleet.engine(name)
+            attempt = self._dispatch(Decision(engine.model, name, Reason.STORED, NO_FEATURES))
+            try:
+                answer = await self._open(attempt, request)
+            except ChatError as exc:
+                if last or not _retriable(exc):
+                    raise
+                self.observer.retried(name)
+                continue
+            if answer.status == 404:
+                if not last:
+                    await answer.aclose()
+                    self._end(attempt, Outcome.OK)  # an answer: it does not know the response
+                    continue
+            elif answer.status < 500:
+                self.fleet.stored(response_id, name)  # it knows it: ask it first next time
+            return _TrackedAnswer(answer, self, attempt, creates_response)
+        raise AssertionError("unreachable: _stored_order is never empty")
+
+    def _stored_order(self, model: str | None, response_id: str) -> list[str]:
+        """The engines to ask for a stored response, in order (never empty: raises
+        ModelNotFound or EngineUnavailable)."""
+        if model is None:
+            upstreams = list(self.upstreams.values())
+        else:
+            found = self._by_model.get(model)
+            if found is None:
+                raise ModelNotFound(model)
+            upstreams = found
+        now = self._clock()
+        for upstream in upstreams:
+            self._sync(upstream)
+        engines = [self.fleet.engine(u.name) for u in upstreams]
+        ready = sorted((e for e in engines if e.reachable(now)), key=lambda e: e.requests)
+        if not ready:
+            raise EngineUnavailable(
+                self._why_not(model, ()) if model is not None
+                else "no engine can take the request now"
+            )  # fmt: skip
+        names = [e.name for e in ready]
+        known = self.fleet.stored_on(response_id)
+        if known in names:
+            names.remove(known)
+            names.insert(0, known)
+        return names
 
     async def _open(self, attempt: _Attempt, request: RelayRequest) -> RelayAnswer:
         """The answer's head; the ticket ends here only if there is none."""
@@ -589,6 +668,9 @@ class Engines:
                 decision = self.fleet.choose(model, features, exclude)
             except NoEngineAvailable:
                 decision = self._fallback(model, features, exclude)
+        return self._dispatch(decision)
+
+    def _dispatch(self, decision: Decision) -> _Attempt:
         ticket = self.fleet.on_dispatch(decision)
         self.observer.dispatched(decision.engine, decision.reason.value)
         if self.single is None and (routed := ROUTED.get()) is not None:
@@ -919,11 +1001,23 @@ def _state_of(status: EngineStatus, draining: bool, breaker: str) -> str:
     return status.state.value
 
 
+# A response's id in vLLM's answer creating it: the body's first "id" (the response object's,
+# or, streamed, that of the response in the first event). Looked for in the first bytes only.
+_RESPONSE_ID = re.compile(rb'"id"\s*:\s*"(resp_[^"\\]{1,200})"')
+_ID_HORIZON = 4096
+
+
 class _TrackedAnswer:
     """A relayed answer whose end ends its engine's ticket: the first chunk is its first token,
     a 5xx or a broken body its failure, a close before the end a cancellation."""
 
-    def __init__(self, answer: RelayAnswer, engines: Engines, attempt: _Attempt) -> None:
+    def __init__(
+        self,
+        answer: RelayAnswer,
+        engines: Engines,
+        attempt: _Attempt,
+        creates_response: bool = False,
+    ) -> None:
         self._answer = answer
         self._engines = engines
         self._attempt = attempt
@@ -931,6 +1025,10 @@ class _TrackedAnswer:
         self.headers = answer.headers
         self._done = False
         self._failed = answer.status >= 500
+        # The id of the response it creates is looked for in its first bytes (a streamed
+        # answer's first event, `response.created`, holds it), if it is a success.
+        self._seek_id = creates_response and answer.status == 200
+        self._seen = b""
 
     async def _chunks(self) -> AsyncIterator[bytes]:
         try:
@@ -938,6 +1036,8 @@ class _TrackedAnswer:
                 if not self._attempt.first_token and chunk:
                     self._attempt.first_token = True
                     self._engines.fleet.on_first_token(self._attempt.ticket)
+                if self._seek_id:
+                    self._look_for_id(chunk)
                 yield chunk
             self._done = True
         except ChatError:
@@ -955,8 +1055,22 @@ class _TrackedAnswer:
             await self.aclose()
             raise
         self._done = True
+        if self._seek_id:
+            self._look_for_id(content)
         await self.aclose()
         return content
+
+    def _look_for_id(self, chunk: bytes) -> None:
+        self._seen += chunk[: _ID_HORIZON - len(self._seen)]
+        found = _RESPONSE_ID.search(self._seen)
+        if found is not None:
+            response_id = found.group(1).decode()
+            self._engines.fleet.stored(response_id, self._attempt.upstream.name)
+            self._seek_id = False
+        elif len(self._seen) >= _ID_HORIZON:
+            self._seek_id = False
+        if not self._seek_id:
+            self._seen = b""
 
     async def aclose(self) -> None:
         try:

@@ -1,5 +1,6 @@
 """The relay use case: every route of vLLM's API that the service does not serve itself goes,
-as it came, to an engine of the model its body names (the default model when it names none)."""
+as it came, to an engine of the model its body names (the default model when it names none);
+a request about a stored response of the Responses API, to the engine that stored it."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from .engines import (
 )
 
 SESSION_HEADER = b"x-session-id"
+RESPONSES = "/v1/responses"
 
 
 class RelayHandler:
@@ -31,6 +33,12 @@ class RelayHandler:
         if engines.single is not None:  # nothing to choose: the body is not read
             return await engines.relay(engines.single.model, NO_FEATURES, request)
         body = _json_body(request)
+        path = request.target.partition("?")[0]
+        creates = request.method == "POST" and path == RESPONSES
+        stored = _stored_response(request.method, path, body)
+        if stored is not None:
+            model = engines.model_of(body["model"]) if body.get("model") else None
+            return await engines.relay_stored(model, stored, request, creates_response=creates)
         model = engines.model_of(body.get("model"))
         session = request.header(SESSION_HEADER)
         session_id = session.decode("latin-1") if session else None
@@ -47,14 +55,30 @@ class RelayHandler:
 
         # Precise mode asks an engine for the prompt's token ids of the routes that generate
         # from one; the others (embeddings, scores, /tokenize itself …) route on their text.
-        path = request.target.partition("?")[0]
         tokens: TokensQuery | None = None
         if path == "/v1/chat/completions":
             tokens = chat_tokens_query(body)
         elif path == "/v1/completions":
             tokens = prompt_tokens_query(body.get("prompt"))
         features = engines.features(model, build, session_id, tokens, body.get("model"))
-        return await engines.relay(model, features, request)
+        return await engines.relay(model, features, request, creates_response=creates)
+
+
+def _stored_response(method: str, path: str, body: dict[str, Any]) -> str | None:
+    """The id of the stored response (vLLM's Responses API) a request is about: one to
+    retrieve (GET /v1/responses/{id}), delete or cancel (POST /v1/responses/{id}/cancel),
+    or to continue from (`previous_response_id` of POST /v1/responses); else None."""
+    if path == RESPONSES:
+        previous = body.get("previous_response_id") if method == "POST" else None
+        return previous if isinstance(previous, str) and previous else None
+    if not path.startswith(RESPONSES + "/"):
+        return None
+    rest = path[len(RESPONSES) + 1 :]
+    if method == "POST" and rest.endswith("/cancel"):
+        rest = rest.removesuffix("/cancel")
+    elif method not in ("GET", "DELETE"):
+        return None  # POST /v1/responses/render and the like
+    return rest if rest and "/" not in rest else None
 
 
 def _json_body(request: RelayRequest) -> dict[str, Any]:

@@ -191,6 +191,11 @@ class Engine:
     def routable(self, now: float) -> bool:
         return self.admitted and not self.draining and self.breaker.allows(now)
 
+    def reachable(self, now: float) -> bool:
+        """Whether it takes a request about what it alone holds (a stored response), which a
+        drain does not stop."""
+        return self.admitted and self.breaker.allows(now)
+
     def state(self, now: float) -> str:
         """One word for operators: ejected, open, half_open, draining or admitted."""
         if not self.admitted:

@@ -157,6 +157,7 @@ class Fleet:
         self._engines: dict[str, Engine] = {}
         self._by_model: dict[str, list[Engine]] = {}
         self._sessions = _Sessions(sessions)
+        self._stored = _Sessions(sessions)  # response id -> the engine that stored it
         self._flights: dict[int, Ticket] = {}
         self._prefilling: set[int] = set()
         self._ids = itertools.count(1)
@@ -229,6 +230,14 @@ class Fleet:
         choice = self.policy.choose(Query(model, candidates, request.total_blocks, sticky))
         held = (cached if self.precise else sent).get(choice.engine, 0)
         return Decision(model, choice.engine, choice.reason, request, held)
+
+    def stored_on(self, response_id: str) -> str | None:
+        """The engine that answered the request creating `response_id` (vLLM's Responses
+        API), if this gateway saw it among the most recent."""
+        return self._stored.get(response_id)
+
+    def stored(self, response_id: str, engine: str) -> None:
+        self._stored.bind(response_id, engine)
 
     def on_dispatch(self, decision: Decision, prompt_tokens: int | None = None) -> Ticket:
         """The request is being sent to the decided engine. `prompt_tokens`, when the gateway

@@ -22,6 +22,9 @@ class Reason(str, Enum):
     LOAD = "load"  # the least loaded: the engines that matched were overloaded (or least_load)
     FALLBACK = "fallback"  # the least loaded: no engine held enough of the prefix
     ROUND_ROBIN = "round_robin"
+    # the engine that stored the response the request names (vLLM's Responses API keeps
+    # responses in its engine's memory: retrieved, cancelled or continued there only)
+    STORED = "stored"
 
 
 @dataclass(frozen=True, slots=True)
