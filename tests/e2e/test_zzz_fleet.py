@@ -40,6 +40,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
     model = Path(os.path.expanduser(config["vllm"]["model_path"]))
     assert (model / "config.json").exists(), f"demo model missing at {model}: run `make model`"
     config["vllm"]["env"]["VLLM_CPU_KVCACHE_SPACE"] = "1"
+    # Responses are kept, each in the memory of the engine that made it.
+    config["vllm"]["env"]["VLLM_ENABLE_RESPONSES_API_STORE"] = "1"
     config["engines"] = [
         {"name": name, "port": free_port(), "env": {"VLLM_CPU_OMP_THREADS_BIND": str(core)}}
         for core, name in enumerate(("left", "right"))
@@ -106,6 +108,16 @@ def test_a_conversation_is_answered_and_survives_the_death_of_its_replica(fleet)
     assert listing[home]["kv_event_batches"] > 0
     other = next(name for name in listing if name != home)
     assert listing[other]["cached_blocks"] == 0, listing
+
+    # A stored response is retrieved, and continued from, whichever replica made it.
+    made = client.responses.create(model=model, input="What is a tide?", max_output_tokens=8)
+    for _ in range(3):
+        assert client.responses.retrieve(made.id).id == made.id
+    follow = client.responses.create(
+        model=model, input="Say more.", previous_response_id=made.id, max_output_tokens=8
+    )
+    assert follow.previous_response_id == made.id
+    assert client.responses.retrieve(follow.id).id == follow.id
 
     port = next(e["port"] for e in fleet.config["engines"] if e["name"] == home)
     victim = api_server_of(fleet, port)
