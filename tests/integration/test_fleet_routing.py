@@ -75,6 +75,7 @@ class FakeEngine:
     received: list[dict[str, Any]] = field(default_factory=list)
     behaviour: Behaviour | None = None
     monitor: SettableMonitor = field(default_factory=SettableMonitor)
+    adapters: list[str] = field(default_factory=list)  # LoRA adapters it serves, by name
     metrics: str = (
         "# TYPE vllm:num_requests_waiting gauge\nvllm:num_requests_waiting 0.0\n"
         "# TYPE vllm:kv_cache_usage_perc gauge\nvllm:kv_cache_usage_perc 0.1\n"
@@ -83,7 +84,9 @@ class FakeEngine:
     async def handle(self, request: httpx.Request) -> httpx.Response:
         path = request.url.path
         if path == "/v1/models":
-            return httpx.Response(200, json={"object": "list", "data": [{"id": self.model}]})
+            listed = [{"id": self.model, "parent": None}]
+            listed += [{"id": name, "parent": self.model} for name in self.adapters]
+            return httpx.Response(200, json={"object": "list", "data": listed})
         if path == "/metrics":
             return httpx.Response(200, text=self.metrics)
         body = json.loads(request.content) if request.content else {}
@@ -301,6 +304,39 @@ async def test_an_unknown_model_gets_vllms_404(make_fleet):
             }
         }
     assert fleet.counts() == {"r0": 0, "big": 0}
+
+
+async def test_a_lora_adapter_goes_to_the_engines_that_list_it(make_fleet):
+    adapted = FakeEngine("big", OTHER, adapters=["sql-lora"])  # loaded on one engine only
+    fleet = await make_fleet(
+        [FakeEngine("r0", MODEL), adapted, FakeEngine("big2", OTHER)], policy="round_robin"
+    )
+    r = await fleet.http.get("/v1/models")  # the adapters are read from it too (and every 10 s)
+    assert [m["id"] for m in r.json()["data"]] == [MODEL, OTHER, "sql-lora"]
+    for _ in range(2):
+        chat = {"model": "sql-lora", "messages": [{"role": "user", "content": "x"}]}
+        assert (await fleet.http.post("/v1/chat/completions", json=chat)).status_code == 200
+        text = {"model": "sql-lora", "prompt": "x"}
+        assert (await fleet.http.post("/v1/completions", json=text)).status_code == 200
+    assert fleet.counts() == {"r0": 0, "big": 4, "big2": 0}
+    for _ in range(2):  # the base model is served by both
+        chat = {"model": OTHER, "messages": [{"role": "user", "content": "x"}]}
+        assert (await fleet.http.post("/v1/chat/completions", json=chat)).status_code == 200
+    assert fleet.counts() == {"r0": 0, "big": 5, "big2": 1}
+    r = await fleet.http.post("/v1/completions", json={"model": "gpt-9", "prompt": "x"})
+    assert r.status_code == 404
+
+
+async def test_an_adapter_on_one_replica_of_a_single_model_fleet_is_served_there(make_fleet):
+    fleet = await make_fleet(
+        [FakeEngine("r0", MODEL), FakeEngine("r1", MODEL, adapters=["sql-lora"])],
+        policy="round_robin",
+    )
+    await fleet.http.get("/v1/models")
+    for _ in range(4):
+        chat = {"model": "sql-lora", "messages": [{"role": "user", "content": "x"}]}
+        assert (await fleet.http.post("/v1/chat/completions", json=chat)).status_code == 200
+    assert fleet.counts() == {"r0": 0, "r1": 4}
 
 
 async def test_models_lists_each_served_model_once(make_fleet):

@@ -158,6 +158,21 @@ def test_a_request_goes_only_to_an_engine_of_its_model():
         fleet.choose("C", conversation("x"))
 
 
+def test_a_request_naming_an_adapter_goes_only_to_the_engines_that_list_it():
+    e1, e2, e3 = Engine("e1", "m"), Engine("e2", "m"), Engine("e3", "m")
+    e2.adapters = e3.adapters = frozenset({"sql"})
+    fleet = admitted(e1, e2, e3, policy=RoundRobin())
+    sql = RequestFeatures(adapter="sql")
+    assert {fleet.choose("m", sql).engine for _ in range(6)} == {"e2", "e3"}
+    fleet.drain("e2")
+    fleet.drain("e3")
+    with pytest.raises(NoEngineAvailable):  # not to e1, which would say it has no such model
+        fleet.choose("m", sql)
+    # An adapter no engine lists is vLLM's to judge: any engine of the model takes it.
+    other = RequestFeatures(adapter="unlisted")
+    assert fleet.choose("m", other).engine == "e1"
+
+
 def test_a_shared_prefix_follows_the_engine_that_served_it():
     fleet = admitted(Engine("e1", "m"), Engine("e2", "m"), Engine("e3", "m"))
     first = fleet.choose("m", conversation("clause 1?"))

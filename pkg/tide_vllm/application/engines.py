@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import dataclasses
 import logging
 import re
 import time
@@ -23,6 +24,7 @@ from collections.abc import (
     Callable,
     Collection,
     Iterable,
+    Iterator,
     Mapping,
     Sequence,
 )
@@ -69,6 +71,7 @@ log = logging.getLogger("tide_vllm.routing")
 
 NO_FEATURES = RequestFeatures()
 SCRAPE_INTERVAL = 5.0  # seconds between reads of each engine's own metrics
+ADAPTERS_INTERVAL = 10.0  # seconds between reads of the engines' models (their LoRA adapters)
 WATCH_TICK = 1.0
 # How long a request may wait for its token ids (precise mode) before it is routed on its
 # text instead: the engine's API server answers in milliseconds unless it is in trouble.
@@ -309,6 +312,10 @@ class Engines:
         self._block_scraped_at = -1e9
         self._event_batches: dict[str, int] = {}
         self._metrics: dict[str, EngineMetrics] = {}
+        # A LoRA adapter's name -> its base model, as the engines list them (`parent` in
+        # GET /v1/models): among several models, a request naming an adapter goes to the
+        # engines of its base model.
+        self._adapters: dict[str, str] = {}
         self._states: dict[str, tuple[str, float]] = {}
         self._probed_at: dict[str, float] = {}
         for upstream in upstreams:
@@ -318,13 +325,17 @@ class Engines:
     def model_of(self, requested: Any) -> str:
         """The served model a request's `model` names: the default one when it names none. An
         unknown name is vLLM's to judge when the fleet serves one model (it may be one of its
-        LoRA adapters); among several models it is a 404, as vLLM's."""
+        LoRA adapters); among several models, an adapter an engine lists goes to its base
+        model, and any other name is a 404, as vLLM's."""
         if not requested or not isinstance(requested, str):
             return self.default_model
         if requested in self._by_model:
             return requested
         if len(self._by_model) == 1:
             return next(iter(self._by_model))
+        base = self._adapters.get(requested)
+        if base is not None and base in self._by_model:
+            return base
         raise ModelNotFound(requested)
 
     def choosing(self, model: str) -> bool:
@@ -343,15 +354,16 @@ class Engines:
         """What routing reads of the request: nothing when there is nothing to choose; with
         kv_events (precise mode) and a prompt to tokenize (`tokens`), its token ids' blocks,
         asked of an engine when the request is run; else `build()`, its text's blocks.
-        `requested`: the model the request named (a LoRA adapter's blocks are its own)."""
+        `requested`: the model the request named (a LoRA adapter: only the engines that list
+        it take the request, when any does, and its blocks are its own)."""
         if not self.choosing(model):
             return NO_FEATURES
+        adapter = requested if isinstance(requested, str) and requested != model else None
         if not self._hashing:
-            return RequestFeatures(session_id=session_id)
+            return RequestFeatures(session_id=session_id, adapter=adapter)
         if self.kv_events and tokens is not None:
-            adapter = requested if isinstance(requested, str) and requested != model else None
             return lambda: self._precise(model, tokens, build, session_id, adapter)
-        return build()
+        return _naming(build(), adapter)
 
     async def _precise(
         self,
@@ -369,7 +381,7 @@ class Engines:
         if isinstance(tokens, Mapping):
             upstream = self._tokenizer(model)
             if upstream is None:
-                return build()
+                return _naming(build(), adapter)
             query = {**tokens, "model": adapter or model}
             try:
                 async with asyncio.timeout(TOKENIZE_TIMEOUT):
@@ -378,14 +390,15 @@ class Engines:
                 if not (isinstance(exc, EngineRejected) and exc.status in (400, 422)):
                     self._tokenize_failed(upstream.name, exc)
                 # (a 400 is the request's own fault: vLLM will say so when it is run)
-                return build()
+                return _naming(build(), adapter)
         else:
             ids = tokens
         if learning is not None:  # its failure is the scrape's to log, not the request's
             await asyncio.wait({learning}, timeout=TOKENIZE_TIMEOUT)
-        return RequestFeatures.of_tokens(
+        features = RequestFeatures.of_tokens(
             ids, self.fleet.block_tokens(model), session_id=session_id, root=root_key(adapter)
         )
+        return _naming(features, adapter)
 
     def _learn_block_tokens(self) -> asyncio.Task[None]:
         """The engines' metrics read once (their KV block size among them), for the first
@@ -684,9 +697,14 @@ class Engines:
         breakers hold them off). One whose state still lets a request through (an external
         engine not checked yet, a running one failing its checks) takes it, rather than a
         certain 503."""
+        upstreams = self._by_model[model]
+        adapter = features.adapter
+        if adapter is not None:
+            listing = [u for u in upstreams if adapter in self.fleet.engine(u.name).adapters]
+            upstreams = listing or upstreams  # as the fleet's choice: those that list it
         candidates = [
             u
-            for u in self._by_model[model]
+            for u in upstreams
             if u.name not in exclude
             and not self.fleet.engine(u.name).draining
             and u.monitor.current().accepts_requests
@@ -808,19 +826,13 @@ class Engines:
         if not serving:
             raise EngineUnavailable("no engine can serve now")
         answers = await asyncio.gather(*(u.chat.models() for u in serving), return_exceptions=True)
+        self._note_adapters(serving, answers)
         seen: set[str] = set()
         data: list[Any] = []
-        for answer in answers:
-            if isinstance(answer, BaseException):
-                continue
-            try:
-                listed = orjson.loads(answer).get("data")
-            except (orjson.JSONDecodeError, AttributeError):
-                continue
-            for item in listed if isinstance(listed, list) else ():
-                if isinstance(item, dict) and item.get("id") not in seen:
-                    seen.add(item.get("id"))
-                    data.append(item)
+        for item in _listed(answers):
+            if item.get("id") not in seen:
+                seen.add(item.get("id"))
+                data.append(item)
         if not data:
             first = next((a for a in answers if isinstance(a, ChatError)), None)
             raise first or EngineFailed("no engine listed a model")
@@ -947,6 +959,7 @@ class Engines:
 
     async def _watch(self, scrape_interval: float) -> None:
         scraped_at = -scrape_interval
+        listed_at = -ADAPTERS_INTERVAL
         while True:
             now = self._clock()
             due = [
@@ -962,7 +975,41 @@ class Engines:
             if self.single is None and now - scraped_at >= scrape_interval:
                 scraped_at = now
                 await self.scrape()
+                if now - listed_at >= ADAPTERS_INTERVAL:
+                    listed_at = now
+                    await self.read_adapters()
             await asyncio.sleep(WATCH_TICK)
+
+    async def read_adapters(self) -> None:
+        """Which LoRA adapters each ready engine lists (loaded at its start, or since), and
+        on which base model."""
+        ready = [u for u in self.upstreams.values() if u.monitor.current().healthy]
+        answers = await asyncio.gather(*(u.chat.models() for u in ready), return_exceptions=True)
+        self._note_adapters(ready, answers)
+
+    def _note_adapters(
+        self, upstreams: Sequence[Upstream], answers: Sequence[bytes | BaseException]
+    ) -> None:
+        """Notes the adapters each engine lists in its answer to GET /v1/models: those whose
+        `parent` is the engine's model (a failed answer leaves what was known)."""
+        for upstream, answer in zip(upstreams, answers, strict=True):
+            gone = self.upstreams.get(upstream.name) is not upstream  # removed while read
+            if isinstance(answer, BaseException) or gone:
+                continue
+            engine = self.fleet.engine(upstream.name)
+            engine.adapters = frozenset(
+                item["id"]
+                for item in _listed([answer])
+                if isinstance(item.get("id"), str)
+                and item.get("parent") == engine.model
+                and item["id"] != engine.model
+            )
+        self._adapters = {
+            adapter: engine.model
+            for engine in (self.fleet.engine(name) for name in self.upstreams)
+            for adapter in engine.adapters
+            if adapter not in self._by_model
+        }
 
     async def scrape(self) -> None:
         ready = [u for u in self.upstreams.values() if u.monitor.current().healthy]
@@ -983,6 +1030,24 @@ class Engines:
                 )
             elif isinstance(metrics, Exception):
                 log.debug("engine %s: metrics not read: %s", upstream.name, metrics)
+
+
+def _naming(features: RequestFeatures, adapter: str | None) -> RequestFeatures:
+    return features if adapter is None else dataclasses.replace(features, adapter=adapter)
+
+
+def _listed(answers: Iterable[bytes | BaseException]) -> Iterator[dict[str, Any]]:
+    """The models listed in engines' answers to GET /v1/models (failures and junk skipped)."""
+    for answer in answers:
+        if isinstance(answer, BaseException):
+            continue
+        try:
+            listed = orjson.loads(answer).get("data")
+        except (orjson.JSONDecodeError, AttributeError):
+            continue
+        for item in listed if isinstance(listed, list) else ():
+            if isinstance(item, dict):
+                yield item
 
 
 def _quietly(task: asyncio.Task[Any]) -> None:

@@ -184,6 +184,7 @@ class Engine:
         self.failures = 0
         self.blocks_total = 0
         self.blocks_matched = 0
+        self.adapters: frozenset[str] = frozenset()  # the LoRA adapters it lists, by name
 
     def __repr__(self) -> str:
         return f"Engine({self.name!r}, {self.model!r})"

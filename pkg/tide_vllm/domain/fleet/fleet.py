@@ -208,11 +208,16 @@ class Fleet:
         self, model: str, request: RequestFeatures, exclude: Collection[str] = frozenset()
     ) -> Decision:
         """The engine of `model` that should take the request, among those admitted, not
-        draining, not held off by their breaker, and not in `exclude`. Raises UnknownModel
+        draining, not held off by their breaker, and not in `exclude` (and, for a request
+        naming a LoRA adapter that some engines list, among those). Raises UnknownModel
         or NoEngineAvailable. Call `on_dispatch` right after, with no await in between, so
         that two requests cannot both take a half-open engine's one trial."""
         now = self._clock()
-        engines = [e for e in self.engines_of(model) if e.name not in exclude and e.routable(now)]
+        peers = self.engines_of(model)
+        if request.adapter is not None and any(request.adapter in e.adapters for e in peers):
+            # The engines that list the adapter it names; an engine without it would 404.
+            peers = [e for e in peers if request.adapter in e.adapters]
+        engines = [e for e in peers if e.name not in exclude and e.routable(now)]
         if not engines:
             raise NoEngineAvailable(model)
         sent = self.index.match(model, request.hashes)

@@ -137,12 +137,14 @@ def token_block_hashes(
 
 @dataclass(frozen=True, slots=True)
 class RequestFeatures:
-    """What routing needs to know of a request: its prefix hashes, its size, its session."""
+    """What routing needs to know of a request: its prefix hashes, its size, its session, and
+    the LoRA adapter it names, if any."""
 
     hashes: tuple[int, ...] = ()
     prompt_bytes: int = 0
     session_id: str | None = None
     block_size: int = BLOCK_BYTES
+    adapter: str | None = None
 
     @classmethod
     def of_chat(
