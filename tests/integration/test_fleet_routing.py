@@ -91,6 +91,8 @@ class FakeEngine:
             return httpx.Response(200, text=self.metrics)
         body = json.loads(request.content) if request.content else {}
         self.received.append(body)
+        if path in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"):
+            return self.lora(path, body["lora_name"])
         if self.behaviour is not None:
             answer = await self.behaviour(request)
             if answer is not None:
@@ -104,6 +106,19 @@ class FakeEngine:
         if path == "/v1/completions":
             return httpx.Response(200, json={"object": "text_completion", "engine": self.name})
         return httpx.Response(200, json=completion(self.model, self.name))
+
+    def lora(self, path: str, name: str) -> httpx.Response:
+        """vLLM's runtime loading and unloading of an adapter (its answers are plain text)."""
+        loading = path == "/v1/load_lora_adapter"
+        if loading == (name in self.adapters):
+            problem = "has already been loaded" if loading else "cannot be found"
+            error = {"message": f"The lora adapter '{name}' {problem}.", "code": 400}
+            return httpx.Response(400, json={"error": error})
+        if loading:
+            self.adapters.append(name)
+            return httpx.Response(200, text=f"Success: LoRA adapter '{name}' added successfully.")
+        self.adapters.remove(name)
+        return httpx.Response(200, text=f"Success: LoRA adapter '{name}' removed successfully.")
 
 
 class Fleet:
@@ -337,6 +352,40 @@ async def test_an_adapter_on_one_replica_of_a_single_model_fleet_is_served_there
         chat = {"model": "sql-lora", "messages": [{"role": "user", "content": "x"}]}
         assert (await fleet.http.post("/v1/chat/completions", json=chat)).status_code == 200
     assert fleet.counts() == {"r0": 0, "r1": 4}
+
+
+async def test_an_adapter_loaded_at_run_time_is_loaded_on_every_engine_of_its_model(
+    make_fleet,
+):
+    fleet = await make_fleet(
+        [FakeEngine("r0", MODEL), FakeEngine("r1", MODEL), FakeEngine("big", OTHER)],
+        policy="round_robin",
+    )
+    load = {"lora_name": "sql", "lora_path": "/adapters/sql"}
+    r = await fleet.http.post("/v1/load_lora_adapter", json=load)
+    assert r.status_code == 200 and r.text.startswith("Success: LoRA adapter 'sql' added")
+    assert (fleet["r0"].adapters, fleet["r1"].adapters, fleet["big"].adapters) == (
+        ["sql"], ["sql"], []
+    )  # fmt: skip
+    # At once, without waiting for the next read of the engines' lists: both serve it.
+    chat = {"model": "sql", "messages": [{"role": "user", "content": "x"}]}
+    for _ in range(4):
+        assert (await fleet.http.post("/v1/chat/completions", json=chat)).status_code == 200
+    named = {e: [b.get("model") for b in fleet[e].received].count("sql") for e in ("r0", "r1")}
+    assert named == {"r0": 2, "r1": 2}
+    # Loaded again, where one engine has it already: that engine's refusal is the answer.
+    fleet["r1"].adapters.remove("sql")
+    r = await fleet.http.post("/v1/load_lora_adapter", json=load)
+    assert r.status_code == 400 and "already been loaded" in r.text
+    assert fleet["r1"].adapters == ["sql"]
+    r = await fleet.http.post("/v1/unload_lora_adapter", json={"lora_name": "sql"})
+    assert r.status_code == 200
+    assert fleet["r0"].adapters == fleet["r1"].adapters == []
+    # `model` names the model whose engines load it.
+    r = await fleet.http.post("/v1/load_lora_adapter", json={**load, "model": OTHER})
+    assert r.status_code == 200
+    assert (fleet["r0"].adapters, fleet["big"].adapters) == ([], ["sql"])
+    assert await fleet.metric("tide_vllm_routing_decisions_total", engine="big", reason="every")
 
 
 async def test_models_lists_each_served_model_once(make_fleet):

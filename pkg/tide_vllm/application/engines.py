@@ -609,6 +609,51 @@ class Engines:
             return _TrackedAnswer(answer, self, attempt, creates_response)
         raise AssertionError("unreachable: _stored_order is never empty")
 
+    async def relay_every(self, model: str, request: RelayRequest) -> RelayAnswer:
+        """The request sent to every engine of `model` that can take it, together, each
+        answer read whole: a change every engine must make (a LoRA adapter loaded or
+        unloaded at run time). The answer is the first engine's when all succeed, else the
+        first failure's (the engines that failed are logged); the engines' lists of
+        adapters are read again at once."""
+        upstreams = self._by_model.get(model, [])
+        for upstream in upstreams:
+            self._sync(upstream)
+        now = self._clock()
+        # a draining engine too: resumed, it must serve what the others serve
+        upstreams = [u for u in upstreams if self.fleet.engine(u.name).reachable(now)]
+        if not upstreams:
+            raise EngineUnavailable(self._why_not(model, ()))
+        attempts = [
+            self._dispatch(Decision(model, u.name, Reason.EVERY, NO_FEATURES)) for u in upstreams
+        ]
+        results = await asyncio.gather(
+            *(self._settle(a, request) for a in attempts), return_exceptions=True
+        )
+        failed = [
+            (a.upstream.name, r)
+            for a, r in zip(attempts, results, strict=True)
+            if isinstance(r, BaseException) or r.status >= 400
+        ]
+        if failed:
+            log.warning(
+                "%s %s failed on engine(s) %s", request.method, request.target,
+                ", ".join(name for name, _ in failed),
+            )  # fmt: skip
+        await self.read_adapters()
+        first = failed[0][1] if failed else results[0]
+        if isinstance(first, BaseException):
+            raise first
+        return first
+
+    async def _settle(self, attempt: _Attempt, request: RelayRequest) -> _Settled:
+        answer = _TrackedAnswer(await self._open(attempt, request), self, attempt)
+        try:
+            content = await answer.read()
+        except BaseException:  # cancelled too: the ticket ends either way
+            await answer.aclose()
+            raise
+        return _Settled(answer.status, answer.headers, content)
+
     def _stored_order(self, model: str | None, response_id: str) -> list[str]:
         """The engines to ask for a stored response, in order (never empty: raises
         ModelNotFound or EngineUnavailable)."""
@@ -1030,6 +1075,27 @@ class Engines:
                 )
             elif isinstance(metrics, Exception):
                 log.debug("engine %s: metrics not read: %s", upstream.name, metrics)
+
+
+class _Settled:
+    """An answer read whole (RelayAnswer)."""
+
+    def __init__(self, status: int, headers: list[tuple[bytes, bytes]], content: bytes) -> None:
+        self.status = status
+        self.headers = headers
+        self._content = content
+
+    async def _chunks(self) -> AsyncIterator[bytes]:
+        yield self._content
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._chunks()
+
+    async def read(self) -> bytes:
+        return self._content
+
+    async def aclose(self) -> None:
+        return None
 
 
 def _naming(features: RequestFeatures, adapter: str | None) -> RequestFeatures:

@@ -1,6 +1,7 @@
 """The relay use case: every route of vLLM's API that the service does not serve itself goes,
 as it came, to an engine of the model its body names (the default model when it names none);
-a request about a stored response of the Responses API, to the engine that stored it."""
+a request about a stored response of the Responses API, to the engine that stored it; a LoRA
+adapter loaded or unloaded at run time, to every engine of the model."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ from .engines import (
 
 SESSION_HEADER = b"x-session-id"
 RESPONSES = "/v1/responses"
+# The routes that change an engine's state, sent to every engine of the model.
+EVERY_ENGINE = frozenset({"/v1/load_lora_adapter", "/v1/unload_lora_adapter"})
 
 
 class RelayHandler:
@@ -35,6 +38,10 @@ class RelayHandler:
         body = _json_body(request)
         path = request.target.partition("?")[0]
         creates = request.method == "POST" and path == RESPONSES
+        if request.method == "POST" and path in EVERY_ENGINE:
+            # A change of every engine's state: `model` (which vLLM ignores here) says
+            # which model's engines, the default model's when absent.
+            return await engines.relay_every(engines.model_of(body.get("model")), request)
         stored = _stored_response(request.method, path, body)
         if stored is not None:
             model = engines.model_of(body["model"]) if body.get("model") else None

@@ -25,6 +25,9 @@ class Reason(str, Enum):
     # the engine that stored the response the request names (vLLM's Responses API keeps
     # responses in its engine's memory: retrieved, cancelled or continued there only)
     STORED = "stored"
+    # one of every engine of the model, each sent the request (a change of their state: a
+    # LoRA adapter loaded or unloaded)
+    EVERY = "every"
 
 
 @dataclass(frozen=True, slots=True)
