@@ -388,6 +388,28 @@ async def test_an_adapter_loaded_at_run_time_is_loaded_on_every_engine_of_its_mo
     assert await fleet.metric("tide_vllm_routing_decisions_total", engine="big", reason="every")
 
 
+async def test_an_engine_that_comes_back_is_given_the_adapters_loaded_at_run_time(make_fleet):
+    fleet = await make_fleet([FakeEngine("r0", MODEL), FakeEngine("r1", MODEL)])
+    load = {"lora_name": "sql", "lora_path": "/adapters/sql"}
+    assert (await fleet.http.post("/v1/load_lora_adapter", json=load)).status_code == 200
+    dropped = {"lora_name": "old", "lora_path": "/adapters/old"}
+    assert (await fleet.http.post("/v1/load_lora_adapter", json=dropped)).status_code == 200
+    r = await fleet.http.post("/v1/unload_lora_adapter", json={"lora_name": "old"})
+    assert r.status_code == 200
+    # r1 restarts: out of rotation, then back with none of them.
+    fleet["r1"].monitor.status = STARTING
+    await fleet.http.get("/admin/engines")  # the fleet sees it go
+    fleet["r1"].adapters.clear()
+    fleet["r1"].monitor.status = READY
+    await fleet.http.get("/admin/engines")  # and come back
+    for _ in range(100):
+        if fleet["r1"].adapters:
+            break
+        await asyncio.sleep(0.01)
+    assert fleet["r1"].adapters == ["sql"]  # loaded again; the unloaded one not
+    assert fleet["r0"].adapters == ["sql"]
+
+
 async def test_models_lists_each_served_model_once(make_fleet):
     engines = [FakeEngine("a", MODEL), FakeEngine("b", MODEL), FakeEngine("c", OTHER)]
     fleet = await make_fleet(engines)

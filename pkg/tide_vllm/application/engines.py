@@ -309,6 +309,11 @@ class Engines:
         self._tokenize_warned_at = -1e9
         self._tokenizer_turn = 0
         self._block_scrape: asyncio.Task[None] | None = None
+        # The LoRA adapters loaded at run time through the gateway, by model: each load's
+        # request, sent again to an engine of the model that joins or comes back (restarted,
+        # it has lost them).
+        self._loaded: dict[str, dict[str, RelayRequest]] = {}
+        self._reloads: set[asyncio.Task[None]] = set()
         self._block_scraped_at = -1e9
         self._event_batches: dict[str, int] = {}
         self._metrics: dict[str, EngineMetrics] = {}
@@ -609,12 +614,16 @@ class Engines:
             return _TrackedAnswer(answer, self, attempt, creates_response)
         raise AssertionError("unreachable: _stored_order is never empty")
 
-    async def relay_every(self, model: str, request: RelayRequest) -> RelayAnswer:
+    async def relay_every(
+        self, model: str, request: RelayRequest, adapter: tuple[str, bool] | None = None
+    ) -> RelayAnswer:
         """The request sent to every engine of `model` that can take it, together, each
         answer read whole: a change every engine must make (a LoRA adapter loaded or
         unloaded at run time). The answer is the first engine's when all succeed, else the
         first failure's (the engines that failed are logged); the engines' lists of
-        adapters are read again at once."""
+        adapters are read again at once. `adapter`: the request loads (True) or unloads
+        (False) the adapter so named; once an engine has done it, engines of the model
+        that join or come back later are sent the load again, or no longer."""
         upstreams = self._by_model.get(model, [])
         for upstream in upstreams:
             self._sync(upstream)
@@ -639,11 +648,48 @@ class Engines:
                 "%s %s failed on engine(s) %s", request.method, request.target,
                 ", ".join(name for name, _ in failed),
             )  # fmt: skip
+        if adapter is not None and len(failed) < len(attempts):
+            name, loading = adapter
+            if loading:
+                self._loaded.setdefault(model, {})[name] = request
+            else:
+                self._loaded.get(model, {}).pop(name, None)
         await self.read_adapters()
         first = failed[0][1] if failed else results[0]
         if isinstance(first, BaseException):
             raise first
         return first
+
+    def _reload(self, upstream: Upstream) -> None:
+        """Sends the engine, just admitted, the loads of the adapters its model was given at
+        run time, in the background."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no loop (a synchronous caller): the next admission will do it
+        task = loop.create_task(self._reloading(upstream), name=f"reload-{upstream.name}")
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
+
+    async def _reloading(self, upstream: Upstream) -> None:
+        engine = self.fleet.engine(upstream.name)
+        loads = list(self._loaded.get(engine.model, {}).items())
+        for name, request in loads:
+            attempt = self._dispatch(Decision(engine.model, upstream.name, Reason.EVERY,
+                                              NO_FEATURES))  # fmt: skip
+            try:
+                answer = await self._settle(attempt, request)
+            except ChatError as exc:
+                log.warning("engine %s: adapter %s not loaded again: %s", upstream.name, name,
+                            exc.message)  # fmt: skip
+                continue
+            if answer.status < 400:
+                log.info("engine %s: adapter %s loaded again", upstream.name, name)
+            else:
+                detail = (await answer.read())[:200].decode(errors="replace")
+                log.warning("engine %s: adapter %s not loaded again: %s %s", upstream.name,
+                            name, answer.status, detail)  # fmt: skip
+        await self.read_adapters()
 
     async def _settle(self, attempt: _Attempt, request: RelayRequest) -> _Settled:
         answer = _TrackedAnswer(await self._open(attempt, request), self, attempt)
@@ -702,6 +748,8 @@ class Engines:
         if status.healthy != engine.admitted:
             if status.healthy:
                 self.fleet.admit(upstream.name)
+                if self._loaded.get(engine.model):
+                    self._reload(upstream)
             else:
                 self.fleet.eject(upstream.name)
                 if self.single is None:
@@ -998,9 +1046,12 @@ class Engines:
         the last values to go stale)."""
         try:
             await self._watch(scrape_interval)
-        finally:  # the app stops: so does a read of the block size begun by a request
+        finally:  # the app stops: so do a read of the block size begun by a request, and
+            # the loads of adapters sent to an engine that came back
             if self._block_scrape is not None:
                 self._block_scrape.cancel()
+            for task in list(self._reloads):
+                task.cancel()
 
     async def _watch(self, scrape_interval: float) -> None:
         scraped_at = -scrape_interval

@@ -24,7 +24,8 @@ from .engines import (
 SESSION_HEADER = b"x-session-id"
 RESPONSES = "/v1/responses"
 # The routes that change an engine's state, sent to every engine of the model.
-EVERY_ENGINE = frozenset({"/v1/load_lora_adapter", "/v1/unload_lora_adapter"})
+LOAD_ADAPTER = "/v1/load_lora_adapter"
+EVERY_ENGINE = frozenset({LOAD_ADAPTER, "/v1/unload_lora_adapter"})
 
 
 class RelayHandler:
@@ -41,7 +42,10 @@ class RelayHandler:
         if request.method == "POST" and path in EVERY_ENGINE:
             # A change of every engine's state: `model` (which vLLM ignores here) says
             # which model's engines, the default model's when absent.
-            return await engines.relay_every(engines.model_of(body.get("model")), request)
+            name = body.get("lora_name")
+            adapter = (name, path == LOAD_ADAPTER) if isinstance(name, str) and name else None
+            model = engines.model_of(body.get("model"))
+            return await engines.relay_every(model, request, adapter)
         stored = _stored_response(request.method, path, body)
         if stored is not None:
             model = engines.model_of(body["model"]) if body.get("model") else None
