@@ -408,6 +408,14 @@ async def test_an_engine_that_comes_back_is_given_the_adapters_loaded_at_run_tim
         await asyncio.sleep(0.01)
     assert fleet["r1"].adapters == ["sql"]  # loaded again; the unloaded one not
     assert fleet["r0"].adapters == ["sql"]
+    # r0 is out of rotation for a while, without restarting: nothing is loaded twice.
+    loads = len(fleet["r0"].received)
+    fleet["r0"].monitor.status = STARTING
+    await fleet.http.get("/admin/engines")
+    fleet["r0"].monitor.status = READY
+    await fleet.http.get("/admin/engines")
+    await asyncio.sleep(0.05)
+    assert len(fleet["r0"].received) == loads and fleet["r0"].adapters == ["sql"]
 
 
 async def test_models_lists_each_served_model_once(make_fleet):

@@ -674,7 +674,14 @@ class Engines:
     async def _reloading(self, upstream: Upstream) -> None:
         engine = self.fleet.engine(upstream.name)
         loads = list(self._loaded.get(engine.model, {}).items())
+        try:  # an engine that was only out of rotation for a while still has them
+            listed = await upstream.chat.models()
+            present = {str(item.get("id")) for item in _listed([listed])}
+        except ChatError:
+            present = set()
         for name, request in loads:
+            if name in present:
+                continue
             attempt = self._dispatch(Decision(engine.model, upstream.name, Reason.EVERY,
                                               NO_FEATURES))  # fmt: skip
             try:
