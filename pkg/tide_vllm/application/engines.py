@@ -317,10 +317,6 @@ class Engines:
         self._block_scraped_at = -1e9
         self._event_batches: dict[str, int] = {}
         self._metrics: dict[str, EngineMetrics] = {}
-        # A LoRA adapter's name -> its base model, as the engines list them (`parent` in
-        # GET /v1/models): among several models, a request naming an adapter goes to the
-        # engines of its base model.
-        self._adapters: dict[str, str] = {}
         self._states: dict[str, tuple[str, float]] = {}
         self._probed_at: dict[str, float] = {}
         for upstream in upstreams:
@@ -338,8 +334,8 @@ class Engines:
             return requested
         if len(self._by_model) == 1:
             return next(iter(self._by_model))
-        base = self._adapters.get(requested)
-        if base is not None and base in self._by_model:
+        base = self.fleet.base_of(requested)  # a LoRA adapter an engine lists
+        if base is not None:
             return base
         raise ModelNotFound(requested)
 
@@ -624,12 +620,8 @@ class Engines:
         adapters are read again at once. `adapter`: the request loads (True) or unloads
         (False) the adapter so named; once an engine has done it, engines of the model
         that join or come back later are sent the load again, or no longer."""
-        upstreams = self._by_model.get(model, [])
-        for upstream in upstreams:
-            self._sync(upstream)
-        now = self._clock()
         # a draining engine too: resumed, it must serve what the others serve
-        upstreams = [u for u in upstreams if self.fleet.engine(u.name).reachable(now)]
+        upstreams = self._reachable(self._by_model.get(model, []))
         if not upstreams:
             raise EngineUnavailable(self._why_not(model, ()))
         attempts = [
@@ -674,13 +666,12 @@ class Engines:
     async def _reloading(self, upstream: Upstream) -> None:
         engine = self.fleet.engine(upstream.name)
         loads = list(self._loaded.get(engine.model, {}).items())
-        try:  # an engine that was only out of rotation for a while still has them
-            listed = await upstream.chat.models()
-            present = {str(item.get("id")) for item in _listed([listed])}
-        except ChatError:
-            present = set()
+        # An engine that was only out of rotation for a while still has them; what it listed
+        # before counts for nothing (it may have restarted), should its list not be read.
+        engine.adapters = frozenset()
+        await self.read_adapters([upstream])
         for name, request in loads:
-            if name in present:
+            if name in engine.adapters:
                 continue
             attempt = self._dispatch(Decision(engine.model, upstream.name, Reason.EVERY,
                                               NO_FEATURES))  # fmt: skip
@@ -696,7 +687,7 @@ class Engines:
                 detail = (await answer.read())[:200].decode(errors="replace")
                 log.warning("engine %s: adapter %s not loaded again: %s %s", upstream.name,
                             name, answer.status, detail)  # fmt: skip
-        await self.read_adapters()
+        await self.read_adapters([upstream])
 
     async def _settle(self, attempt: _Attempt, request: RelayRequest) -> _Settled:
         answer = _TrackedAnswer(await self._open(attempt, request), self, attempt)
@@ -706,6 +697,15 @@ class Engines:
             await answer.aclose()
             raise
         return _Settled(answer.status, answer.headers, content)
+
+    def _reachable(self, upstreams: Iterable[Upstream]) -> list[Upstream]:
+        """Those of `upstreams` that take a request about what they hold (admitted, breaker
+        closed, draining or not), each first synced with its monitor."""
+        pool = list(upstreams)
+        for upstream in pool:
+            self._sync(upstream)
+        now = self._clock()
+        return [u for u in pool if self.fleet.engine(u.name).reachable(now)]
 
     def _stored_order(self, model: str | None, response_id: str) -> list[str]:
         """The engines to ask for a stored response, in order (never empty: raises
@@ -717,17 +717,13 @@ class Engines:
             if found is None:
                 raise ModelNotFound(model)
             upstreams = found
-        now = self._clock()
-        for upstream in upstreams:
-            self._sync(upstream)
-        engines = [self.fleet.engine(u.name) for u in upstreams]
-        ready = sorted((e for e in engines if e.reachable(now)), key=lambda e: e.requests)
+        ready = self._reachable(upstreams)
         if not ready:
             raise EngineUnavailable(
                 self._why_not(model, ()) if model is not None
                 else "no engine can take the request now"
             )  # fmt: skip
-        names = [e.name for e in ready]
+        names = [u.name for u in sorted(ready, key=lambda u: self.fleet.engine(u.name).requests)]
         known = self.fleet.stored_on(response_id)
         if known in names:
             names.remove(known)
@@ -797,17 +793,12 @@ class Engines:
         breakers hold them off). One whose state still lets a request through (an external
         engine not checked yet, a running one failing its checks) takes it, rather than a
         certain 503."""
-        upstreams = self._by_model[model]
-        adapter = features.adapter
-        if adapter is not None:
-            listing = [u for u in upstreams if adapter in self.fleet.engine(u.name).adapters]
-            upstreams = listing or upstreams  # as the fleet's choice: those that list it
         candidates = [
-            u
-            for u in upstreams
-            if u.name not in exclude
-            and not self.fleet.engine(u.name).draining
-            and u.monitor.current().accepts_requests
+            self.upstreams[e.name]
+            for e in self.fleet.serving(model, features.adapter)
+            if e.name not in exclude
+            and not e.draining
+            and self.upstreams[e.name].monitor.current().accepts_requests
         ]
         if not candidates:
             raise EngineUnavailable(self._why_not(model, exclude))
@@ -1083,10 +1074,11 @@ class Engines:
                     await self.read_adapters()
             await asyncio.sleep(WATCH_TICK)
 
-    async def read_adapters(self) -> None:
-        """Which LoRA adapters each ready engine lists (loaded at its start, or since), and
-        on which base model."""
-        ready = [u for u in self.upstreams.values() if u.monitor.current().healthy]
+    async def read_adapters(self, upstreams: Iterable[Upstream] | None = None) -> None:
+        """Which LoRA adapters each ready engine (of `upstreams`, else of all) lists, loaded
+        at its start or since."""
+        pool = self.upstreams.values() if upstreams is None else upstreams
+        ready = [u for u in pool if u.monitor.current().healthy]
         answers = await asyncio.gather(*(u.chat.models() for u in ready), return_exceptions=True)
         self._note_adapters(ready, answers)
 
@@ -1105,14 +1097,8 @@ class Engines:
                 for item in _listed([answer])
                 if isinstance(item.get("id"), str)
                 and item.get("parent") == engine.model
-                and item["id"] != engine.model
+                and item["id"] not in self._by_model
             )
-        self._adapters = {
-            adapter: engine.model
-            for engine in (self.fleet.engine(name) for name in self.upstreams)
-            for adapter in engine.adapters
-            if adapter not in self._by_model
-        }
 
     async def scrape(self) -> None:
         ready = [u for u in self.upstreams.values() if u.monitor.current().healthy]

@@ -213,10 +213,7 @@ class Fleet:
         or NoEngineAvailable. Call `on_dispatch` right after, with no await in between, so
         that two requests cannot both take a half-open engine's one trial."""
         now = self._clock()
-        peers = self.engines_of(model)
-        if request.adapter is not None and any(request.adapter in e.adapters for e in peers):
-            # The engines that list the adapter it names; an engine without it would 404.
-            peers = [e for e in peers if request.adapter in e.adapters]
+        peers = self.serving(model, request.adapter)
         engines = [e for e in peers if e.name not in exclude and e.routable(now)]
         if not engines:
             raise NoEngineAvailable(model)
@@ -235,6 +232,20 @@ class Fleet:
         choice = self.policy.choose(Query(model, candidates, request.total_blocks, sticky))
         held = (cached if self.precise else sent).get(choice.engine, 0)
         return Decision(model, choice.engine, choice.reason, request, held)
+
+    def serving(self, model: str, adapter: str | None = None) -> list[Engine]:
+        """The engines of `model` that may take a request naming `adapter` (a LoRA adapter):
+        those that list it, an engine without it answering 404; all of them when none lists
+        it (vLLM is then the judge) or no adapter is named. Raises UnknownModel."""
+        peers = self.engines_of(model)
+        if adapter is None:
+            return peers
+        listing = [e for e in peers if adapter in e.adapters]
+        return listing or peers
+
+    def base_of(self, adapter: str) -> str | None:
+        """The model of an engine that lists `adapter` (a LoRA adapter's base model)."""
+        return next((e.model for e in self._engines.values() if adapter in e.adapters), None)
 
     def stored_on(self, response_id: str) -> str | None:
         """The engine that answered the request creating `response_id` (vLLM's Responses
